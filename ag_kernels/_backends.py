@@ -1,0 +1,82 @@
+"""Which backends exist, which can run on a device, and which one "auto" picks."""
+
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Union
+
+import torch
+
+BACKENDS = ("torch", "triton", "ext")
+
+_EXT_ERROR: Optional[str] = None
+_ext = None
+
+
+def _load_ext():
+    """Guarded load of the compiled extension ``ag_kernels._C`` (built by setup.py when csrc/ exists)."""
+    global _ext, _EXT_ERROR
+    if _ext is None and _EXT_ERROR is None:
+        try:
+            _ext = importlib.import_module("ag_kernels._C")
+        except ImportError as exc:
+            _EXT_ERROR = f"the C++/CUDA extension ag_kernels._C is not built in this install ({exc})"
+    return _ext
+
+
+def _triton_module():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run on ``device``, else a sentence saying why not."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        tk = _triton_module()
+        if tk.TRITON_IMPORT_ERROR is not None:
+            return f"triton could not be imported ({tk.TRITON_IMPORT_ERROR})"
+        if device.type == "cuda" or tk.INTERPRET:
+            return None
+        return (
+            f"the Triton kernels run on CUDA tensors, or on any device with TRITON_INTERPRET=1 "
+            f"set before ag_kernels is imported; got device {device}"
+        )
+    if backend == "ext":
+        if _load_ext() is None:
+            return _EXT_ERROR
+        return None
+    return f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}"
+
+
+def _auto_order(device: torch.device) -> List[str]:
+    # Fastest first: compiled Triton on a GPU; on the CPU the interpreter is only a checking aid.
+    if device.type == "cuda":
+        return ["ext", "triton", "torch"]
+    return ["ext", "torch", "triton"]
+
+
+def available_backends(device: Union[str, torch.device, None] = "cpu") -> List[str]:
+    """The backends usable for tensors on ``device``, in the order "auto" prefers them.
+
+    >>> available_backends("cpu")[0]   # what backend="auto" runs on CPU tensors
+    'torch'
+    """
+    device = torch.device(device if device is not None else "cpu")
+    return [b for b in _auto_order(device) if _unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) on ``device``, or a ValueError naming it."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    if backend == "auto":
+        return available_backends(device)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} is not available for {device} tensors: {reason}")
+    return backend

@@ -1,0 +1,233 @@
+"""Triton kernels for the guided step ops: blend, derivative and update in one pass over memory.
+
+One kernel, ``_guided_step_kernel``, holds the math of every op; a constexpr ``OP`` picks
+the output.  Network outputs (float16/bfloat16/float32/float64) are converted to the compute
+dtype (x's dtype) in registers.  The per-sample or scalar coefficients (guidance, step
+ratios) are formed in float64 once per program, then rounded once to the compute dtype.
+
+The ops are registered as torch custom ops in the namespace ``ag_kernels_triton`` with
+``torch.library.triton_op`` (so ``torch.compile`` sees the kernels), or, when Triton runs in
+interpreter mode (``TRITON_INTERPRET=1``, the CPU path used in CI), as opaque
+``torch.library.custom_op`` s, because the interpreter cannot run on the fake tensors that
+``triton_op`` traces with.
+
+The ops are the layer under :mod:`ag_kernels.ops`: they require every tensor to share x's
+strides and to be non-overlapping and dense (the public API arranges that).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+# Codes of the constexpr OP; the public op names map onto them.
+OP_DENOISE, OP_EULER, OP_HEUN, OP_SCORE = 0, 1, 2, 3
+# Codes of the constexpr ROWS: how each element finds its sample's per-sample coefficients.
+ROWS_NONE, ROWS_TILED, ROWS_GATHER = 0, 1, 2
+
+if triton is not None:
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+    @triton.jit
+    def _load_coefficient(ptr, stride, row, mask, GATHER: tl.constexpr):
+        # A per-sample coefficient is read at its sample's row, in float64 like the scalar path.
+        if GATHER:
+            c = tl.load(ptr + row * stride, mask=mask, other=1.0).to(tl.float64)
+        else:
+            c = tl.load(ptr + row * stride).to(tl.float64)
+        return c
+
+    @triton.jit
+    def _guided_step_kernel(
+        out_ptr, x_ptr, xe_ptr, dm_ptr, dg_ptr,
+        g_ptr, g_stride, s_ptr, s_stride, sn_ptr, sn_stride,
+        g_val: tl.float64, s_val: tl.float64, sn_val: tl.float64,
+        n_elements, row_numel, blocks_per_row,
+        OP: tl.constexpr, HAS_GUIDE: tl.constexpr, ROWS: tl.constexpr,
+        G_VEC: tl.constexpr, S_VEC: tl.constexpr, SN_VEC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # 64-bit offsets throughout: tensors of more than 2**31 elements are expected.
+        pid = tl.program_id(0).to(tl.int64)
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
+        if ROWS == 1:
+            # Tiled rows: a program covers one block of one sample, so its coefficients are scalars.
+            row = pid // blocks_per_row
+            col = (pid - row * blocks_per_row) * BLOCK + lanes
+            offs = row * row_numel + col
+            mask = col < row_numel
+        else:
+            offs = pid * BLOCK + lanes
+            mask = offs < n_elements
+            if ROWS == 2:
+                # Gathered rows (samples shorter than a block): each element looks up its own sample.
+                row = offs // row_numel
+            else:
+                row = 0
+        dtype = out_ptr.dtype.element_ty
+        # tl.full keeps scalar arguments in float64 (a plain assignment would make them float32 in
+        # the interpreter).
+        w = tl.full((), g_val, tl.float64)
+        if G_VEC:
+            w = _load_coefficient(g_ptr, g_stride, row, mask, ROWS == 2)
+        s = tl.full((), s_val, tl.float64)
+        if S_VEC:
+            s = _load_coefficient(s_ptr, s_stride, row, mask, ROWS == 2)
+        sn = tl.full((), sn_val, tl.float64)
+        if SN_VEC:
+            sn = _load_coefficient(sn_ptr, sn_stride, row, mask, ROWS == 2)
+
+        # D_w = D_0 + w (D_1 - D_0), evaluated as torch.lerp does (two-sided), so that w = 1 gives
+        # D_1 exactly (no guidance, Karras et al. 2024 Eq. 1) and both ends stay accurate.
+        D_1 = tl.load(dm_ptr + offs, mask=mask).to(dtype)
+        if HAS_GUIDE:
+            D_0 = tl.load(dg_ptr + offs, mask=mask).to(dtype)
+            diff = D_1 - D_0
+            wc = w.to(dtype)
+            lo = D_0 + wc * diff
+            hi = D_1 - diff * (1.0 - w).to(dtype)
+            D_w = tl.where(w < 0.5, lo, hi)
+        else:
+            D_w = D_1
+
+        if OP == 0:
+            result = D_w
+        elif OP == 1:
+            # Euler: x_hat + (t_next - t_cur) (x_hat - D_w) / t_cur; the ratio is formed in float64.
+            x_hat = tl.load(x_ptr + offs, mask=mask)
+            ratio = ((sn - s) / s).to(dtype)
+            result = x_hat + ratio * (x_hat - D_w)
+        elif OP == 2:
+            # Heun: x_hat + (x_euler - x_hat)/2 + (t_next - t_cur)/2 * d_prime, d_prime = (x_euler - D_w)/t_next;
+            # (t_next - t_cur) d_cur is x_euler - x_hat, so the small step is never divided by.
+            x_hat = tl.load(x_ptr + offs, mask=mask)
+            x_euler = tl.load(xe_ptr + offs, mask=mask)
+            half_ratio = (0.5 * (sn - s) / sn).to(dtype)
+            result = x_hat + 0.5 * (x_euler - x_hat) + half_ratio * (x_euler - D_w)
+        else:
+            # Score: (D_w - x) / sigma^2, with 1/sigma^2 formed in float64.
+            x = tl.load(x_ptr + offs, mask=mask)
+            inv_var = (1.0 / (s * s)).to(dtype)
+            result = (D_w - x) * inv_var
+        tl.store(out_ptr + offs, result.to(dtype), mask=mask)
+else:  # pragma: no cover
+    INTERPRET = False
+    _guided_step_kernel = None
+
+
+def _block_config(device: torch.device):
+    """(BLOCK, num_warps) for a launch: large blocks for the interpreter (fewer Python-level programs)."""
+    if INTERPRET or device.type != "cuda":
+        return 4096, 4
+    return 2048, 8
+
+
+def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+    n = out.numel()
+    if n == 0:
+        return
+    if not out.is_cuda and not INTERPRET:
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    block, num_warps = _block_config(out.device)
+    any_vec = g_vec is not None or s_vec is not None or sn_vec is not None
+    rows = out.shape[0] if (any_vec and out.dim() > 0) else 1
+    row_numel = n // rows
+    if not any_vec:
+        mode = ROWS_NONE
+    elif row_numel >= block:
+        mode = ROWS_TILED
+    else:
+        mode = ROWS_GATHER
+    if mode == ROWS_TILED:
+        blocks_per_row = triton.cdiv(row_numel, block)
+        grid = (rows * blocks_per_row,)
+    else:
+        blocks_per_row = 1
+        grid = (triton.cdiv(n, block),)
+    # Unused pointer arguments get a valid tensor so the launch signature stays the same.
+    dummy = out
+    kernel = _guided_step_kernel if INTERPRET else torch.library.wrap_triton(_guided_step_kernel)
+    kernel[grid](
+        out,
+        x if x is not None else dummy,
+        x_euler if x_euler is not None else dummy,
+        d_main,
+        d_guide if d_guide is not None else dummy,
+        g_vec if g_vec is not None else dummy, g_vec.stride(0) if g_vec is not None else 0,
+        s_vec if s_vec is not None else dummy, s_vec.stride(0) if s_vec is not None else 0,
+        sn_vec if sn_vec is not None else dummy, sn_vec.stride(0) if sn_vec is not None else 0,
+        float(g), float(s), float(sn),
+        n, row_numel, blocks_per_row,
+        OP=op, HAS_GUIDE=d_guide is not None, ROWS=mode,
+        G_VEC=g_vec is not None, S_VEC=s_vec is not None, SN_VEC=sn_vec is not None,
+        BLOCK=block, num_warps=num_warps,
+    )
+
+
+def _register(name, fn):
+    """Register ``fn`` (which mutates ``out``) as ``ag_kernels_triton::<name>`` with a no-op fake."""
+    qualname = f"ag_kernels_triton::{name}"
+    if INTERPRET:
+        op = torch.library.custom_op(qualname, fn, mutates_args={"out"})
+    else:
+        op = torch.library.triton_op(qualname, fn, mutates_args={"out"})
+
+    def fake(*args, **kwargs):
+        # The op only writes into ``out``: there is nothing to allocate or return.
+        return None
+
+    op.register_fake(fake)
+    return op
+
+
+def triton_guided_denoise(
+    out: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
+    g_vec: Optional[torch.Tensor], g: float,
+) -> None:
+    """out = D_w (guided denoiser output)."""
+    _launch(OP_DENOISE, out, None, None, d_main, d_guide, g_vec, None, None, g, 1.0, 1.0)
+
+
+def triton_euler_step(
+    out: torch.Tensor, x_hat: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
+    g_vec: Optional[torch.Tensor], s_vec: Optional[torch.Tensor], sn_vec: Optional[torch.Tensor],
+    g: float, s: float, sn: float,
+) -> None:
+    """out = x_hat + (sn - s) (x_hat - D_w) / s."""
+    _launch(OP_EULER, out, x_hat, None, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn)
+
+
+def triton_heun_step(
+    out: torch.Tensor, x_hat: torch.Tensor, x_euler: torch.Tensor, d_main: torch.Tensor,
+    d_guide: Optional[torch.Tensor], g_vec: Optional[torch.Tensor], s_vec: Optional[torch.Tensor],
+    sn_vec: Optional[torch.Tensor], g: float, s: float, sn: float,
+) -> None:
+    """out = x_hat + (sn - s) (d_cur + d_prime) / 2, D_w evaluated at (x_euler, sn)."""
+    _launch(OP_HEUN, out, x_hat, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn)
+
+
+def triton_guided_score(
+    out: torch.Tensor, x: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
+    g_vec: Optional[torch.Tensor], s_vec: Optional[torch.Tensor], g: float, s: float,
+) -> None:
+    """out = (D_w - x) / s^2."""
+    _launch(OP_SCORE, out, x, None, d_main, d_guide, g_vec, s_vec, None, g, s, 1.0)
+
+
+if triton is not None:
+    guided_denoise_op = _register("guided_denoise", triton_guided_denoise)
+    euler_step_op = _register("euler_step", triton_euler_step)
+    heun_step_op = _register("heun_step", triton_heun_step)
+    guided_score_op = _register("guided_score", triton_guided_score)

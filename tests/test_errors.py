@@ -1,0 +1,163 @@
+"""Bad input gets a TypeError/ValueError naming the argument, on every backend."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ag_kernels
+from _util import BACKENDS, require
+
+S = (2, 3, 5)
+
+
+def _args():
+    x = torch.randn(S)
+    return dict(
+        x=x, x_euler=torch.randn(S), d_main=torch.randn(S).bfloat16(), d_guide=torch.randn(S).half(),
+        guidance=2.1, sigma=1.5, sigma_next=0.9,
+    )
+
+
+def _euler(a, **kw):
+    return ag_kernels.euler_step(a["x"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], a["sigma_next"], **kw)
+
+
+def _heun(a, **kw):
+    return ag_kernels.heun_step(
+        a["x"], a["x_euler"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], a["sigma_next"], **kw
+    )
+
+
+def _score(a, **kw):
+    return ag_kernels.guided_score(a["x"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], **kw)
+
+
+def _denoise(a, **kw):
+    return ag_kernels.guided_denoise(a["d_main"], a["d_guide"], a["guidance"], **kw)
+
+
+OPS = {"euler_step": _euler, "heun_step": _heun, "guided_score": _score, "guided_denoise": _denoise}
+USES = {  # which arguments each op reads
+    "euler_step": {"x", "d_main", "d_guide", "guidance", "sigma", "sigma_next"},
+    "heun_step": {"x", "x_euler", "d_main", "d_guide", "guidance", "sigma", "sigma_next"},
+    "guided_score": {"x", "d_main", "d_guide", "guidance", "sigma"},
+    "guided_denoise": {"d_main", "d_guide", "guidance"},
+}
+
+# (case id, argument changed, bad value maker, exception, text the message must contain)
+BAD = [
+    ("x_not_tensor", "x", lambda a: np.zeros(S, np.float32), TypeError, "x"),
+    ("x_int", "x", lambda a: torch.zeros(S, dtype=torch.int32), TypeError, "x"),
+    ("x_half", "x", lambda a: a["x"].half(), TypeError, "x"),
+    ("x_euler_dtype", "x_euler", lambda a: a["x_euler"].double(), TypeError, "x_euler"),
+    ("x_euler_shape", "x_euler", lambda a: torch.randn(2, 3, 6), ValueError, "x_euler"),
+    ("x_euler_device", "x_euler", lambda a: a["x_euler"].to("meta"), ValueError, "x_euler"),
+    ("d_main_int", "d_main", lambda a: torch.ones(S, dtype=torch.int64), TypeError, "d_main"),
+    ("d_main_shape", "d_main", lambda a: torch.randn(2, 3, 4), ValueError, "d_main"),
+    ("d_main_device", "d_main", lambda a: a["d_main"].to("meta"), ValueError, "d_main"),
+    ("d_guide_shape", "d_guide", lambda a: torch.randn(3, 2, 5), ValueError, "d_guide"),
+    ("d_guide_dtype", "d_guide", lambda a: torch.ones(S, dtype=torch.uint8), TypeError, "d_guide"),
+    ("d_guide_device", "d_guide", lambda a: a["d_guide"].to("meta"), ValueError, "d_guide"),
+    ("d_guide_list", "d_guide", lambda a: [1.0, 2.0], TypeError, "d_guide"),
+    ("guidance_nan", "guidance", lambda a: math.nan, ValueError, "guidance"),
+    ("guidance_inf", "guidance", lambda a: -math.inf, ValueError, "guidance"),
+    ("guidance_str", "guidance", lambda a: "2.1", TypeError, "guidance"),
+    ("guidance_bool", "guidance", lambda a: True, TypeError, "guidance"),
+    ("guidance_len", "guidance", lambda a: torch.ones(3), ValueError, "guidance"),
+    ("guidance_2d", "guidance", lambda a: torch.ones(2, 1), ValueError, "guidance"),
+    ("guidance_int_tensor", "guidance", lambda a: torch.ones(2, dtype=torch.int64), TypeError, "guidance"),
+    ("guidance_device", "guidance", lambda a: torch.ones(2, device="meta"), ValueError, "guidance"),
+    ("guidance_tensor_nan", "guidance", lambda a: torch.tensor([1.0, math.nan]), ValueError, "guidance"),
+    ("sigma_zero", "sigma", lambda a: 0.0, ValueError, "sigma"),
+    ("sigma_negative", "sigma", lambda a: -1.0, ValueError, "sigma"),
+    ("sigma_nan", "sigma", lambda a: math.nan, ValueError, "sigma"),
+    ("sigma_tensor_zero", "sigma", lambda a: torch.tensor([1.0, 0.0]), ValueError, "sigma"),
+    ("sigma_len", "sigma", lambda a: torch.ones(5), ValueError, "sigma"),
+    ("sigma_none", "sigma", lambda a: None, TypeError, "sigma"),
+    ("sigma_next_negative", "sigma_next", lambda a: -0.1, ValueError, "sigma_next"),
+    ("sigma_next_inf", "sigma_next", lambda a: math.inf, ValueError, "sigma_next"),
+    ("sigma_next_len", "sigma_next", lambda a: torch.ones(1), ValueError, "sigma_next"),
+]
+
+
+PAIRS = [(op, case) for op in OPS for case in BAD if case[1] in USES[op]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,case", PAIRS, ids=[f"{op}-{case[0]}" for op, case in PAIRS])
+def test_bad_argument(op, backend, case):
+    require(backend, "cpu")
+    _, name, make, exc, text = case
+    if op == "heun_step" and text == "x":
+        text = "x_hat"
+    a = _args()
+    a[name] = make(a)
+    with pytest.raises(exc, match=rf"\b{text}\b"):
+        OPS[op](a, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heun_sigma_next_zero(backend):
+    """heun_step divides by sigma_next, so 0 is refused there (euler_step accepts it: the last step)."""
+    require(backend, "cpu")
+    a = _args()
+    a["sigma_next"] = 0.0
+    with pytest.raises(ValueError, match="sigma_next"):
+        _heun(a, backend=backend)
+    assert torch.isfinite(_euler(a, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_bad_out(op, backend):
+    require(backend, "cpu")
+    a = _args()
+    cases = [
+        (torch.empty(2, 3, 4), ValueError),
+        (torch.empty(S, dtype=torch.float64), TypeError),
+        (torch.empty(S, device="meta"), ValueError),
+        (torch.empty(1, 3, 5).expand(S), ValueError),
+        ("not a tensor", TypeError),
+    ]
+    for out, exc in cases:
+        with pytest.raises(exc, match=r"\bout\b"):
+            OPS[op](a, out=out, backend=backend)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_bad_backend(op):
+    a = _args()
+    with pytest.raises(ValueError, match="backend"):
+        OPS[op](a, backend="cuda-magic")
+    with pytest.raises(TypeError, match="backend"):
+        OPS[op](a, backend=None)
+    with pytest.raises(ValueError, match="ext"):
+        OPS[op](a, backend="ext")  # not built in this version: the message says why
+
+
+def test_triton_unavailable_message():
+    """Without TRITON_INTERPRET, Triton on CPU tensors is refused with the reason, not crashed."""
+    from ag_kernels._backends import _unavailable_reason
+
+    reason = _unavailable_reason("triton", torch.device("cpu"))
+    if reason is None:
+        pytest.skip("Triton runs on CPU tensors here (TRITON_INTERPRET=1)")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _euler(_args(), backend="triton")
+
+
+def test_guided_denoise_bad_dtype():
+    a = _args()
+    for dtype in (torch.float16, torch.int32, "float32"):
+        with pytest.raises(TypeError, match="dtype"):
+            _denoise(a, dtype=dtype)
+
+
+def test_available_backends():
+    cpu = ag_kernels.available_backends("cpu")
+    assert cpu[0] == "torch" and "ext" not in cpu
+    assert ag_kernels.available_backends(torch.device("cpu")) == cpu
+    if torch.cuda.is_available():
+        assert ag_kernels.available_backends("cuda")[0] == "triton"
