@@ -78,7 +78,8 @@ def make_params(mode: str, batch: int, device, gen: torch.Generator):
     sv, snv = sv.to(device), snv.to(device)
     if mode == "per_sample":
         return gv.float(), sv.float(), snv  # per-sample tensors of different float dtypes
-    return gv, s, snv  # mixed
+    # mixed: scalar sigma, per-sample sigma_next below it (a sampler steps down in noise level)
+    return gv, s, (s * (0.3 + 0.65 * torch.rand(batch, generator=gen, dtype=torch.float64))).to(device)
 
 
 def make_inputs(shape, x_dtype, d_dtype, device, gen, sigma):
