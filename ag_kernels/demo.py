@@ -64,6 +64,8 @@ def run_demo(device="cpu", batch=16, size=64, steps=32, guidances=(1.0, 2.1, 3.0
     backends = available_backends(device)
     print(f"ag_kernels demo: EDM Heun sampler, {steps} steps, batch {tuple(noise.shape)}, device {device}")
     print(f"backends: {', '.join(backends)} (reference: the formulas of ag_kernels.reference, op by op)")
+    if "triton" not in backends:
+        print("(triton runs on CUDA tensors; on the CPU set TRITON_INTERPRET=1 to check it in the interpreter)")
     print(f"data N({mu}, {var}) per coordinate; D_1 exact, D_0 with variance {2 * var} (the bad version);")
     print(f"network outputs in {net_dtype}, read by the fused ops without a cast pass")
     print()
