@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ag_kernels
+from ag_kernels.demo import karras_sigmas
 from _util import (
     BACKENDS, D_DTYPES, DEVICES, OPS, TOL, X_DTYPES, call, make_inputs, make_params, oracle, poison,
     rel_err, require,
@@ -215,12 +216,11 @@ def test_heun_small_sigma(backend, device, x_dtype, gen):
     """Euler then Heun along the EDM schedule down to sigma = 0.002, against a float64 oracle
     that uses the true Euler derivative d_cur = (x_hat - D_w(x_hat)) / t_cur, not the recovered one."""
     require(backend, device)
-    steps, rho, smin, smax = 32, 7.0, 0.002, 80.0
-    i = torch.arange(steps, dtype=torch.float64)
-    t = (smax ** (1 / rho) + i / (steps - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    steps = 32
+    t = karras_sigmas(steps)  # t_0 = 80 ... t_31 = 0.002, t_32 = 0
     shape = (4, 3, 8, 8)
     for k in (0, steps // 2, steps - 3, steps - 2):  # the last pair ends at t = 0.002
-        t_cur, t_next = t[k].item(), t[k + 1].item()
+        t_cur, t_next = t[k], t[k + 1]
         data = torch.randn(shape, generator=gen, dtype=torch.float64)
         x_hat = (data + t_cur * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, x_dtype)
         D1, D0 = (data + e * torch.randn(shape, generator=gen, dtype=torch.float64) for e in (0.01, 0.05))
