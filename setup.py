@@ -51,9 +51,10 @@ def extension_modules():
     else:
         use_cuda, why = True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
     _say(f"CUDA part {'built' if use_cuda else 'skipped'}: {why}")
-    args = {"cxx": ["-O3", "-std=c++17"]}
+    # The C++ standard is left to torch.utils.cpp_extension, which passes the one its headers need.
+    args = {"cxx": ["-O3", "-Wno-psabi"]}  # -Wno-psabi: GCC notes on passing SIMD vectors by value
     if use_cuda:
-        args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         ext = CUDAExtension("ag_kernels._C", cpp + cu, extra_compile_args=args)
     else:
         ext = CppExtension("ag_kernels._C", cpp, extra_compile_args=args)

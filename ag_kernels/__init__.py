@@ -6,9 +6,13 @@ D_w = D_0 + w (D_1 - D_0).  The ops below fuse that blend with the EDM sampler's
 step update, reading float16/bfloat16/float32 network outputs directly.
 """
 
-from ._backends import available_backends
+from ._backends import _load_ext, available_backends
 from .ops import euler_step, guided_denoise, guided_score, heun_step
 
 __version__ = "0.1.0"
+
+# Load the compiled ops now (guarded): one warning if they are missing, and the fakes that
+# torch.compile needs are registered before any tracing.
+_load_ext(warn=True)
 
 __all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "__version__"]

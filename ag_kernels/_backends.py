@@ -3,24 +3,57 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import List, Optional, Union
 
 import torch
 
 BACKENDS = ("torch", "triton", "ext")
+EXT_OPS = ("guided_denoise", "euler_step", "heun_step", "guided_score")
 
 _EXT_ERROR: Optional[str] = None
 _ext = None
 
 
-def _load_ext():
-    """Guarded load of the compiled extension ``ag_kernels._C`` (built by setup.py when csrc/ exists)."""
+def _fake_step_op(*args, **kwargs):
+    # Every ag_kernels op only writes into its `out` argument: a fake has nothing to allocate or return.
+    return None
+
+
+def _register_ext_fakes() -> None:
+    """Fake (meta) kernels of torch.ops.ag_kernels.*, so torch.compile and opcheck can trace them.
+
+    They must be registered from this module: the C++ library names it with set_python_module.
+    """
+    for name in EXT_OPS:
+        qualname = f"ag_kernels::{name}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+            torch.library.register_fake(qualname)(_fake_step_op)
+
+
+def _load_ext(warn: bool = False):
+    """Guarded load of the compiled extension ``ag_kernels._C`` (built by setup.py from csrc/).
+
+    Returns the module, or None with the reason kept for :func:`_unavailable_reason`; with
+    ``warn``, says once that the "ext" backend is missing (the package works without it).
+    """
     global _ext, _EXT_ERROR
     if _ext is None and _EXT_ERROR is None:
         try:
             _ext = importlib.import_module("ag_kernels._C")
-        except ImportError as exc:
-            _EXT_ERROR = f"the C++/CUDA extension ag_kernels._C is not built in this install ({exc})"
+            _register_ext_fakes()
+        except (ImportError, OSError, RuntimeError) as exc:
+            # OSError/RuntimeError: a library built against another torch (undefined symbols, schema clash).
+            _EXT_ERROR = (
+                f"the C++/CUDA extension ag_kernels._C is not available ({type(exc).__name__}: {exc}); "
+                "build it with `pip install --no-build-isolation -e .` against the installed torch"
+            )
+            if warn:
+                warnings.warn(
+                    f"ag_kernels: backend 'ext' disabled: {_EXT_ERROR}. The 'torch' and 'triton' backends still work.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return _ext
 
 
@@ -52,7 +85,9 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
 
 
 def _auto_order(device: torch.device) -> List[str]:
-    # Fastest first: compiled Triton on a GPU; on the CPU the interpreter is only a checking aid.
+    # Fastest first.  On the CPU the compiled extension, then the reference (the Triton
+    # interpreter is only a checking aid).  On a GPU the order of ext and triton is provisional
+    # until the GPU benchmarks decide it.
     if device.type == "cuda":
         return ["ext", "triton", "torch"]
     return ["ext", "torch", "triton"]
@@ -61,8 +96,8 @@ def _auto_order(device: torch.device) -> List[str]:
 def available_backends(device: Union[str, torch.device, None] = "cpu") -> List[str]:
     """The backends usable for tensors on ``device``, in the order "auto" prefers them.
 
-    >>> available_backends("cpu")[0]   # what backend="auto" runs on CPU tensors
-    'torch'
+    >>> available_backends("cpu")[0]   # what backend="auto" runs on CPU tensors (extension built)
+    'ext'
     """
     device = torch.device(device if device is not None else "cpu")
     return [b for b in _auto_order(device) if _unavailable_reason(b, device) is None]

@@ -13,7 +13,7 @@ from ag_kernels._backends import _unavailable_reason
 OPS = ["guided_denoise", "euler_step", "heun_step", "guided_score"]
 X_DTYPES = [torch.float32, torch.float64]
 D_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-KERNEL_BACKENDS = ["triton"]  # "ext" joins here once the extension exists
+KERNEL_BACKENDS = ["triton", "ext"]
 BACKENDS = ["torch"] + KERNEL_BACKENDS
 
 DEVICES = [

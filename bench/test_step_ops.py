@@ -1,0 +1,114 @@
+"""euler_step / heun_step: every fast backend vs the eager PyTorch formula and a plain copy.
+
+Cases of one group run side by side in one session on the same tensors, so their ratios are
+meaningful; bytes moved (each input read once, the output written once) go into extra_info for
+bench/report.py.  Sizes: 16M elements on the CPU (AG_BENCH_NUMEL overrides), 16M and 64M on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+import ag_kernels
+from ag_kernels import reference
+from ag_kernels._backends import _unavailable_reason
+
+W, T_CUR, T_NEXT = 2.1, 1.25, 0.9
+
+
+def _sizes(device):
+    if "AG_BENCH_NUMEL" in os.environ:
+        return [int(v) for v in os.environ["AG_BENCH_NUMEL"].split(",")]
+    return [16 * 2**20] if device == "cpu" else [16 * 2**20, 64 * 2**20]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CONFIGS = [(dev, n, d) for dev in DEVICES for n in _sizes(dev) for d in (torch.float32, torch.bfloat16)]
+
+
+def _fast_backends(device):
+    names = []
+    for b in ("ext", "triton"):
+        if device == "cpu" and b == "triton":
+            continue  # the Triton interpreter is for checking only
+        if _unavailable_reason(b, torch.device(device)) is None:
+            names.append(b)
+    return names
+
+
+_DATA = {}
+
+
+def _data(device, n, d_dtype):
+    key = (device, n, d_dtype)
+    if key not in _DATA:
+        _DATA.clear()  # one configuration in memory at a time
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, generator=gen, device=device)
+        d_main = (0.9 * x).to(d_dtype)
+        d_guide = (0.8 * x).to(d_dtype)
+        x_euler = 0.7 * x
+        _DATA[key] = dict(x=x, x_euler=x_euler, d_main=d_main, d_guide=d_guide, out=torch.empty_like(x))
+    return _DATA[key]
+
+
+def _run(benchmark, device, fn, nbytes, **info):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed():
+        fn()
+        sync()
+
+    for _ in range(3):  # warm-up: Triton compilation, allocator, page faults of fresh outputs
+        timed()
+    benchmark.extra_info.update(bytes=nbytes, device=device, **info)
+    benchmark(timed)
+
+
+def _cases(op, device):
+    return ["copy", "eager"] + [f"{b}" for b in _fast_backends(device)] + [f"{b}_alloc" for b in _fast_backends(device)]
+
+
+def _params(op):
+    return [
+        pytest.param(dev, n, d, case, id=f"{dev}-{n}-{str(d).replace('torch.', '')}-{case}")
+        for dev, n, d in CONFIGS
+        for case in _cases(op, dev)
+    ]
+
+
+def _bench(benchmark, op, device, n, d_dtype, case):
+    t = _data(device, n, d_dtype)
+    x, x_euler, d_main, d_guide, out = t["x"], t["x_euler"], t["d_main"], t["d_guide"], t["out"]
+    benchmark.group = f"{op} {device} n={n} d={str(d_dtype).replace('torch.', '')}"
+    inputs = [x, d_main, d_guide] + ([x_euler] if op == "heun_step" else [])
+    step_bytes = sum(v.numel() * v.element_size() for v in inputs) + out.numel() * out.element_size()
+    if case == "copy":
+        _run(benchmark, device, lambda: out.copy_(x), 2 * x.numel() * x.element_size(), case=case)
+        return
+    if case == "eager":
+        # The formula as an eager sampler writes it: cast, lerp, subtract, divide, multiply, add.
+        if op == "euler_step":
+            fn = lambda: reference.torch_euler_step(x, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
+        else:
+            fn = lambda: reference.torch_heun_step(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
+        _run(benchmark, device, fn, step_bytes, case=case)
+        return
+    backend, _, alloc = case.partition("_")
+    target = None if alloc else out
+    if op == "euler_step":
+        fn = lambda: ag_kernels.euler_step(x, d_main, d_guide, W, T_CUR, T_NEXT, out=target, backend=backend)  # noqa: E731
+    else:
+        fn = lambda: ag_kernels.heun_step(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT, out=target, backend=backend)  # noqa: E731
+    _run(benchmark, device, fn, step_bytes, case=case)
+
+
+@pytest.mark.parametrize("device, n, d_dtype, case", _params("euler_step"))
+def test_euler_step(benchmark, device, n, d_dtype, case):
+    _bench(benchmark, "euler_step", device, n, d_dtype, case)
+
+
+@pytest.mark.parametrize("device, n, d_dtype, case", _params("heun_step"))
+def test_heun_step(benchmark, device, n, d_dtype, case):
+    _bench(benchmark, "heun_step", device, n, d_dtype, case)

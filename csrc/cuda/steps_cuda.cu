@@ -1,0 +1,171 @@
+// CUDA implementation of the guided-step ops: one pass over memory, 16-byte loads, grid-stride.
+//
+// One kernel template covers every op and dtype combination: OP and HAS_GUIDE pick the math
+// (step_math.h, shared with the CPU), T is x's dtype, DM/DG the network outputs' dtypes, which
+// are converted in registers.  Offsets are 64-bit.  The launch allocates nothing and never
+// synchronizes, so the ops can be captured in a CUDA graph.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../ops.h"
+
+namespace ag_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;  // resident blocks per SM at 256 threads; the grid strides over the rest
+
+template <typename U, int N>
+struct alignas(sizeof(U) * N) Pack {
+  U v[N];
+};
+
+template <typename T, typename U>
+__device__ __forceinline__ T to_compute(U v) {
+  // 16-bit network outputs go through float, their exact widening.
+  if constexpr (std::is_same_v<U, c10::Half> || std::is_same_v<U, c10::BFloat16>) {
+    return static_cast<T>(static_cast<float>(v));
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+__device__ __forceinline__ void step_element(const StepArgs& a, const RowConstants<T>& r, int64_t i) {
+  const T x = OP != kDenoise ? static_cast<const T*>(a.x)[i] : T(0);
+  const T x_euler = OP == kHeun ? static_cast<const T*>(a.x_euler)[i] : T(0);
+  const T D_1 = to_compute<T>(static_cast<const DM*>(a.d_main)[i]);
+  const T D_0 = HAS_GUIDE ? to_compute<T>(static_cast<const DG*>(a.d_guide)[i]) : T(0);
+  static_cast<T*>(a.out)[i] = step_value<OP, HAS_GUIDE>(r, x, x_euler, D_1, D_0);
+}
+
+// Elements [base, base + len) of one sample; packs of N elements when every operand is aligned.
+template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+__device__ __forceinline__ void step_range(const StepArgs& a, const RowConstants<T>& r, int64_t base, int64_t len,
+                                           int64_t lane, int64_t lanes, bool vectorized) {
+  constexpr int N = 16 / sizeof(T);  // one 16-byte load of x per pack
+  int64_t done = 0;
+  if (vectorized) {
+    const int64_t packs = len / N;
+    for (int64_t p = lane; p < packs; p += lanes) {
+      const int64_t i = base + p * N;
+      Pack<T, N> x{}, x_euler{}, out;
+      Pack<DM, N> d1 = *reinterpret_cast<const Pack<DM, N>*>(static_cast<const DM*>(a.d_main) + i);
+      Pack<DG, N> d0{};
+      if constexpr (OP != kDenoise) x = *reinterpret_cast<const Pack<T, N>*>(static_cast<const T*>(a.x) + i);
+      if constexpr (OP == kHeun) x_euler = *reinterpret_cast<const Pack<T, N>*>(static_cast<const T*>(a.x_euler) + i);
+      if constexpr (HAS_GUIDE) d0 = *reinterpret_cast<const Pack<DG, N>*>(static_cast<const DG*>(a.d_guide) + i);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        out.v[k] = step_value<OP, HAS_GUIDE>(r, x.v[k], x_euler.v[k], to_compute<T>(d1.v[k]),
+                                             HAS_GUIDE ? to_compute<T>(d0.v[k]) : T(0));
+      }
+      *reinterpret_cast<Pack<T, N>*>(static_cast<T*>(a.out) + i) = out;
+    }
+    done = packs * N;
+  }
+  for (int64_t k = done + lane; k < len; k += lanes) step_element<OP, HAS_GUIDE, T, DM, DG>(a, r, base + k);
+}
+
+template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+__global__ void __launch_bounds__(kThreads) guided_step_kernel(const StepArgs a, bool vectorized, bool tiled) {
+  const int64_t lane = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t lanes = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (tiled) {
+    // Samples of at least a block: blocks along y take samples, so each thread forms its sample's
+    // coefficients once (Karras et al. 2024: per-sample guidance weight w and noise levels).
+    for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
+      const RowConstants<T> r = row_constants<OP, T>(a.coef, row);
+      step_range<OP, HAS_GUIDE, T, DM, DG>(a, r, row * a.row_numel, a.row_numel, lane, lanes, vectorized);
+    }
+  } else {
+    // Samples shorter than a block (2-D toy points, small latents): each element finds its sample.
+    for (int64_t i = lane; i < a.numel; i += lanes) {
+      step_element<OP, HAS_GUIDE, T, DM, DG>(a, row_constants<OP, T>(a.coef, i / a.row_numel), i);
+    }
+  }
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Multiprocessors of the current device (a host-side attribute query: no sync, capture-safe).
+int64_t multiprocessors() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+void launch(const StepArgs& a) {
+  constexpr int N = 16 / sizeof(T);
+  const bool tiled = a.rows == 1 || a.row_numel >= static_cast<int64_t>(kThreads) * N;
+  // Packs never straddle samples (row_numel % N == 0) and every operand is aligned to its pack.
+  bool vectorized = tiled && (a.rows == 1 || a.row_numel % N == 0) && aligned(a.out, sizeof(T) * N) &&
+                    aligned(a.d_main, sizeof(DM) * N);
+  if (OP != kDenoise) vectorized = vectorized && aligned(a.x, sizeof(T) * N);
+  if (OP == kHeun) vectorized = vectorized && aligned(a.x_euler, sizeof(T) * N);
+  if (HAS_GUIDE) vectorized = vectorized && aligned(a.d_guide, sizeof(DG) * N);
+
+  const int64_t max_blocks = multiprocessors() * kBlocksPerSm;
+  dim3 grid(1, 1, 1);
+  if (tiled) {
+    const int64_t work = vectorized ? (a.row_numel + N - 1) / N : a.row_numel;
+    const int64_t rows = std::min<int64_t>(a.rows, 65535);
+    const int64_t per_row = std::max<int64_t>(1, max_blocks / rows);
+    grid.x = static_cast<unsigned>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, per_row));
+    grid.y = static_cast<unsigned>(rows);
+  } else {
+    grid.x = static_cast<unsigned>(std::clamp<int64_t>((a.numel + kThreads - 1) / kThreads, 1, max_blocks));
+  }
+  guided_step_kernel<OP, HAS_GUIDE, T, DM, DG>
+      <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vectorized, tiled);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls f with a value of the C++ type of a network-output dtype.
+template <typename F>
+void with_d_type(DType type, F&& f) {
+  switch (type) {
+    case DType::kHalf: return f(c10::Half());
+    case DType::kBFloat16: return f(c10::BFloat16());
+    case DType::kFloat: return f(float());
+    default: return f(double());
+  }
+}
+
+struct Cuda {
+  template <int OP>
+  static void run(const StepArgs& a) {
+    if (a.numel == 0) return;
+    const c10::cuda::CUDAGuard guard(a.device);
+    auto for_x = [&](auto x_value) {
+      using T = decltype(x_value);
+      with_d_type(a.d_main_type, [&](auto dm_value) {
+        using DM = decltype(dm_value);
+        if (a.d_guide == nullptr) {
+          launch<OP, false, T, DM, DM>(a);
+        } else {
+          with_d_type(a.d_guide_type, [&](auto dg_value) { launch<OP, true, T, DM, decltype(dg_value)>(a); });
+        }
+      });
+    };
+    if (a.x_type == at::kDouble) {
+      for_x(double());
+    } else {
+      for_x(float());
+    }
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ag_kernels, CUDA, m) { AG_KERNELS_REGISTER_STEP_OPS(m, Cuda); }
+
+}  // namespace ag_kernels

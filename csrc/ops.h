@@ -1,0 +1,51 @@
+// The four op entry points, written once and instantiated per device backend.
+//
+// A backend is a type with `template <int OP> static void run(const StepArgs&)`; the signatures
+// below match the schemas in ag_kernels.cpp (and the Triton ops' schemas, see ag_kernels/ops.py).
+#pragma once
+
+#include "step_args.h"
+
+namespace ag_kernels {
+
+template <typename Backend>
+struct StepOps {
+  using OptTensor = std::optional<at::Tensor>;
+
+  static void guided_denoise(at::Tensor& out, const at::Tensor& d_main, const OptTensor& d_guide,
+                             const OptTensor& g_vec, double g) {
+    Backend::template run<kDenoise>(make_step_args("guided_denoise", out, nullptr, "", nullptr, d_main, d_guide,
+                                                   g_vec, std::nullopt, std::nullopt, g, 1.0, 1.0));
+  }
+
+  static void euler_step(at::Tensor& out, const at::Tensor& x_hat, const at::Tensor& d_main, const OptTensor& d_guide,
+                         const OptTensor& g_vec, const OptTensor& s_vec, const OptTensor& sn_vec, double g, double s,
+                         double sn) {
+    Backend::template run<kEuler>(make_step_args("euler_step", out, &x_hat, "x_hat", nullptr, d_main, d_guide, g_vec,
+                                                 s_vec, sn_vec, g, s, sn));
+  }
+
+  static void heun_step(at::Tensor& out, const at::Tensor& x_hat, const at::Tensor& x_euler, const at::Tensor& d_main,
+                        const OptTensor& d_guide, const OptTensor& g_vec, const OptTensor& s_vec,
+                        const OptTensor& sn_vec, double g, double s, double sn) {
+    Backend::template run<kHeun>(make_step_args("heun_step", out, &x_hat, "x_hat", &x_euler, d_main, d_guide, g_vec,
+                                                s_vec, sn_vec, g, s, sn));
+  }
+
+  static void guided_score(at::Tensor& out, const at::Tensor& x, const at::Tensor& d_main, const OptTensor& d_guide,
+                           const OptTensor& g_vec, const OptTensor& s_vec, double g, double s) {
+    Backend::template run<kScore>(make_step_args("guided_score", out, &x, "x", nullptr, d_main, d_guide, g_vec, s_vec,
+                                                 std::nullopt, g, s, 1.0));
+  }
+};
+
+// Registers the four ops of `Backend` for one dispatch key.
+#define AG_KERNELS_REGISTER_STEP_OPS(m, Backend)                           \
+  do {                                                                     \
+    m.impl("guided_denoise", &::ag_kernels::StepOps<Backend>::guided_denoise); \
+    m.impl("euler_step", &::ag_kernels::StepOps<Backend>::euler_step);     \
+    m.impl("heun_step", &::ag_kernels::StepOps<Backend>::heun_step);       \
+    m.impl("guided_score", &::ag_kernels::StepOps<Backend>::guided_score); \
+  } while (0)
+
+}  // namespace ag_kernels

@@ -1,0 +1,101 @@
+// The math of one guided sampler step, shared by the CPU and CUDA backends.
+//
+// Guided denoiser (Karras et al. 2024, Eq. 1): D_w = D_0 + w (D_1 - D_0), D_1 = d_main, D_0 = d_guide.
+// Ops: D_w itself; an Euler step of the EDM ODE; Heun's correction; the guided score.  The
+// coefficients (w, step ratios) are formed in double once per sample, then rounded once to the
+// compute dtype T (x's dtype), exactly as the Triton kernel does, so the backends agree to an ulp.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace ag_kernels {
+
+// Op codes, as the template parameter OP of every backend.
+enum Op : int { kDenoise = 0, kEuler = 1, kHeun = 2, kScore = 3 };
+
+// Element types of the network outputs and per-sample coefficient tensors.
+enum class DType : int8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+// A coefficient (guidance, sigma or sigma_next): a number, or one value per sample read at its row.
+struct Coefficient {
+  const void* ptr = nullptr;  // per-sample values, or nullptr for the scalar `value`
+  int64_t stride = 0;
+  double value = 1.0;
+  DType type = DType::kDouble;
+
+  C10_HOST_DEVICE double at(int64_t row) const {
+    if (ptr == nullptr) return value;
+    const int64_t k = row * stride;
+    switch (type) {
+      case DType::kHalf: return static_cast<double>(static_cast<float>(static_cast<const c10::Half*>(ptr)[k]));
+      case DType::kBFloat16: return static_cast<double>(static_cast<float>(static_cast<const c10::BFloat16*>(ptr)[k]));
+      case DType::kFloat: return static_cast<double>(static_cast<const float*>(ptr)[k]);
+      default: return static_cast<const double*>(ptr)[k];
+    }
+  }
+};
+
+struct Coefficients {
+  Coefficient g, s, sn;
+  bool per_sample() const { return g.ptr != nullptr || s.ptr != nullptr || sn.ptr != nullptr; }
+};
+
+// The per-sample constants of one step, in the compute dtype T.
+template <typename T>
+struct RowConstants {
+  T w;        // guidance weight
+  T one_minus_w;
+  T k;        // Euler: (sn - s)/s; Heun: (sn - s)/(2 sn); score: 1/s^2
+  bool lerp_from_guide;  // which end lerp starts from (w < 0.5), as torch.lerp
+};
+
+template <int OP, typename T>
+C10_HOST_DEVICE RowConstants<T> row_constants(const Coefficients& c, int64_t row) {
+  // Ratios of sigmas are formed in double: sigma spans 0.002..80, and the Heun ratio nears 0.
+  const double w = c.g.at(row);
+  RowConstants<T> r;
+  r.w = static_cast<T>(w);
+  r.one_minus_w = static_cast<T>(1.0 - w);
+  r.lerp_from_guide = w < 0.5;
+  r.k = T(0);
+  if constexpr (OP == kEuler) {
+    const double s = c.s.at(row), sn = c.sn.at(row);
+    r.k = static_cast<T>((sn - s) / s);
+  } else if constexpr (OP == kHeun) {
+    const double s = c.s.at(row), sn = c.sn.at(row);
+    r.k = static_cast<T>(0.5 * (sn - s) / sn);
+  } else if constexpr (OP == kScore) {
+    const double s = c.s.at(row);
+    r.k = static_cast<T>(1.0 / (s * s));
+  }
+  return r;
+}
+
+// One step on values of type V: T itself, or a SIMD vector of T (at::vec::Vectorized<T>).
+// x is x_hat (x for the score), xe is x_euler (Heun only); D_1/D_0 are already in T.
+template <int OP, bool HAS_GUIDE, typename V, typename T>
+C10_HOST_DEVICE V step_value(const RowConstants<T>& r, V x, V xe, V D_1, V D_0) {
+  V D_w = D_1;
+  if constexpr (HAS_GUIDE) {
+    // Two-sided lerp, as torch.lerp: w = 1 gives D_1 exactly (no guidance), and both ends stay accurate.
+    const V diff = D_1 - D_0;
+    D_w = r.lerp_from_guide ? D_0 + V(r.w) * diff : D_1 - diff * V(r.one_minus_w);
+  }
+  if constexpr (OP == kDenoise) {
+    return D_w;
+  } else if constexpr (OP == kEuler) {
+    // x_hat + (t_next - t_cur) d_cur with d_cur = (x_hat - D_w) / t_cur.
+    return x + V(r.k) * (x - D_w);
+  } else if constexpr (OP == kHeun) {
+    // (t_next - t_cur) d_cur is x_euler - x_hat: the small step of the schedule's end is never divided by.
+    return x + V(T(0.5)) * (xe - x) + V(r.k) * (xe - D_w);
+  } else {
+    return (D_w - x) * V(r.k);
+  }
+}
+
+}  // namespace ag_kernels
