@@ -10,6 +10,7 @@ compiled against the torch already installed (an isolated build would fetch anot
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -53,11 +54,19 @@ def extension_modules():
     _say(f"CUDA part {'built' if use_cuda else 'skipped'}: {why}")
     # The C++ standard is left to torch.utils.cpp_extension, which passes the one its headers need.
     args = {"cxx": ["-O3", "-Wno-psabi"]}  # -Wno-psabi: GCC notes on passing SIMD vectors by value
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is an OpenMP loop compiled into our code: without -fopenmp it runs on
+        # one thread.  libgomp resolves to the copy torch has already loaded.
+        args["cxx"].append("-fopenmp")
+        link.append("-fopenmp")
+    else:
+        _say("OpenMP not used: the CPU kernels run on one thread")
     if use_cuda:
         args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-        ext = CUDAExtension("ag_kernels._C", cpp + cu, extra_compile_args=args)
+        ext = CUDAExtension("ag_kernels._C", cpp + cu, extra_compile_args=args, extra_link_args=link)
     else:
-        ext = CppExtension("ag_kernels._C", cpp, extra_compile_args=args)
+        ext = CppExtension("ag_kernels._C", cpp, extra_compile_args=args, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension}
 
 

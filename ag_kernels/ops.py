@@ -81,8 +81,8 @@ def _param(name: str, value, batch: int, device: torch.device, *, lower: Optiona
     """
     what = {None: "finite", "positive": "finite and > 0", "nonnegative": "finite and >= 0"}[lower]
     if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} as a tensor must have a floating dtype, got {value.dtype}")
+        if value.dtype not in D_DTYPES:
+            raise TypeError(f"{name} as a tensor must have dtype {_dtype_names(D_DTYPES)}, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the data is on {device}; put them on one device")
         if value.dim() == 0:

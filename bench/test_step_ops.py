@@ -49,7 +49,10 @@ def _data(device, n, d_dtype):
         d_main = (0.9 * x).to(d_dtype)
         d_guide = (0.8 * x).to(d_dtype)
         x_euler = 0.7 * x
-        _DATA[key] = dict(x=x, x_euler=x_euler, d_main=d_main, d_guide=d_guide, out=torch.empty_like(x))
+        _DATA[key] = dict(
+            x=x, x_euler=x_euler, d_main=d_main, d_guide=d_guide, out=torch.empty_like(x),
+            b1=torch.empty_like(x), b2=torch.empty_like(x),
+        )
     return _DATA[key]
 
 
@@ -67,7 +70,28 @@ def _run(benchmark, device, fn, nbytes, **info):
 
 
 def _cases(op, device):
-    return ["copy", "eager"] + [f"{b}" for b in _fast_backends(device)] + [f"{b}_alloc" for b in _fast_backends(device)]
+    fast = _fast_backends(device)
+    return ["copy", "eager", "eager_noalloc"] + fast + [f"{b}_alloc" for b in fast]
+
+
+def _eager_noalloc(op, t):
+    """The same eager op sequence into preallocated buffers: what fusion saves, allocator aside."""
+    x, x_euler, d_main, d_guide, out, b1, b2 = (t[k] for k in ("x", "x_euler", "d_main", "d_guide", "out", "b1", "b2"))
+    cast = d_main.dtype != x.dtype
+
+    def fn():
+        D_0 = b1.copy_(d_guide) if cast else d_guide
+        D_1 = b2.copy_(d_main) if cast else d_main
+        D_w = torch.lerp(D_0, D_1, W, out=b1)
+        if op == "euler_step":
+            d_cur = torch.sub(x, D_w, out=b1).div_(T_CUR)
+            torch.add(x, d_cur.mul_(T_NEXT - T_CUR), out=out)
+        else:
+            d_prime = torch.sub(x_euler, D_w, out=b1).div_(T_NEXT)
+            half_euler = torch.sub(x_euler, x, out=b2).mul_(0.5).add_(x)
+            torch.add(half_euler, d_prime.mul_(0.5 * (T_NEXT - T_CUR)), out=out)
+
+    return fn
 
 
 def _params(op):
@@ -94,6 +118,9 @@ def _bench(benchmark, op, device, n, d_dtype, case):
         else:
             fn = lambda: reference.torch_heun_step(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
         _run(benchmark, device, fn, step_bytes, case=case)
+        return
+    if case == "eager_noalloc":
+        _run(benchmark, device, _eager_noalloc(op, t), step_bytes, case=case)
         return
     backend, _, alloc = case.partition("_")
     target = None if alloc else out

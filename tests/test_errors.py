@@ -68,6 +68,8 @@ BAD = [
     ("guidance_len", "guidance", lambda a: torch.ones(3), ValueError, "guidance"),
     ("guidance_2d", "guidance", lambda a: torch.ones(2, 1), ValueError, "guidance"),
     ("guidance_int_tensor", "guidance", lambda a: torch.ones(2, dtype=torch.int64), TypeError, "guidance"),
+    ("guidance_float8_tensor", "guidance", lambda a: torch.ones(2).to(torch.float8_e4m3fn), TypeError, "guidance"),
+    ("sigma_complex_tensor", "sigma", lambda a: torch.ones(2, dtype=torch.complex64), TypeError, "sigma"),
     ("guidance_device", "guidance", lambda a: torch.ones(2, device="meta"), ValueError, "guidance"),
     ("guidance_tensor_nan", "guidance", lambda a: torch.tensor([1.0, math.nan]), ValueError, "guidance"),
     ("sigma_zero", "sigma", lambda a: 0.0, ValueError, "sigma"),
