@@ -21,8 +21,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;  // resident blocks per SM at 256 threads; the grid strides over the rest
 
+// N elements loaded or stored together: 16-byte accesses (the widest per thread) where N * sizeof(U)
+// allows, so the narrowest operand of a step moves in 16-byte loads and the wider ones in several.
 template <typename U, int N>
-struct alignas(sizeof(U) * N) Pack {
+struct alignas(sizeof(U) * N < 16 ? sizeof(U) * N : 16) Pack {
   U v[N];
 };
 
@@ -34,6 +36,12 @@ __device__ __forceinline__ T to_compute(U v) {
   } else {
     return static_cast<T>(v);
   }
+}
+
+// Elements per pack: one 16-byte load of the narrowest operand.
+template <typename T, typename DM, typename DG>
+constexpr int pack_size() {
+  return static_cast<int>(16 / std::min({sizeof(T), sizeof(DM), sizeof(DG)}));
 }
 
 template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
@@ -49,7 +57,7 @@ __device__ __forceinline__ void step_element(const StepArgs& a, const RowConstan
 template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
 __device__ __forceinline__ void step_range(const StepArgs& a, const RowConstants<T>& r, int64_t base, int64_t len,
                                            int64_t lane, int64_t lanes, bool vectorized) {
-  constexpr int N = 16 / sizeof(T);  // one 16-byte load of x per pack
+  constexpr int N = pack_size<T, DM, DG>();
   int64_t done = 0;
   if (vectorized) {
     const int64_t packs = len / N;
@@ -104,14 +112,14 @@ int64_t multiprocessors() {
 
 template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
 void launch(const StepArgs& a) {
-  constexpr int N = 16 / sizeof(T);
+  constexpr int N = pack_size<T, DM, DG>();
   const bool tiled = a.rows == 1 || a.row_numel >= static_cast<int64_t>(kThreads) * N;
   // Packs never straddle samples (row_numel % N == 0) and every operand is aligned to its pack.
-  bool vectorized = tiled && (a.rows == 1 || a.row_numel % N == 0) && aligned(a.out, sizeof(T) * N) &&
-                    aligned(a.d_main, sizeof(DM) * N);
-  if (OP != kDenoise) vectorized = vectorized && aligned(a.x, sizeof(T) * N);
-  if (OP == kHeun) vectorized = vectorized && aligned(a.x_euler, sizeof(T) * N);
-  if (HAS_GUIDE) vectorized = vectorized && aligned(a.d_guide, sizeof(DG) * N);
+  bool vectorized = tiled && (a.rows == 1 || a.row_numel % N == 0) && aligned(a.out, alignof(Pack<T, N>)) &&
+                    aligned(a.d_main, alignof(Pack<DM, N>));
+  if (OP != kDenoise) vectorized = vectorized && aligned(a.x, alignof(Pack<T, N>));
+  if (OP == kHeun) vectorized = vectorized && aligned(a.x_euler, alignof(Pack<T, N>));
+  if (HAS_GUIDE) vectorized = vectorized && aligned(a.d_guide, alignof(Pack<DG, N>));
 
   const int64_t max_blocks = multiprocessors() * kBlocksPerSm;
   dim3 grid(1, 1, 1);
