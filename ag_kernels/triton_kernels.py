@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from ._backends import _fake_step_op
+
 try:
     import triton
     import triton.language as tl
@@ -183,12 +185,7 @@ def _register(name, fn):
         op = torch.library.custom_op(qualname, fn, mutates_args={"out"})
     else:
         op = torch.library.triton_op(qualname, fn, mutates_args={"out"})
-
-    def fake(*args, **kwargs):
-        # The op only writes into ``out``: there is nothing to allocate or return.
-        return None
-
-    op.register_fake(fake)
+    op.register_fake(_fake_step_op)  # the same no-op fake as the extension's ops
     return op
 
 
