@@ -85,7 +85,7 @@ setup(
     python_requires=">=3.9",
     # A range that the installed torch satisfies: install torch first (see README) so that pip
     # does not fetch a multi-GB CUDA build.
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["triton>=3.0", "pytest", "pytest-benchmark", "ninja"],

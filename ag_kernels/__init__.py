@@ -8,6 +8,9 @@ step update, reading float16/bfloat16/float32 network outputs directly.
 
 from ._backends import _load_ext, available_backends
 from .ops import euler_step, guided_denoise, guided_score, heun_step
+from .sampler import edm_sampler, karras_schedule
+from .seeds import SeedNoise, parse_seeds
+from .generation import GeneratedBatch, generate
 
 __version__ = "0.1.0"
 
@@ -15,4 +18,7 @@ __version__ = "0.1.0"
 # torch.compile needs are registered before any tracing.
 _load_ext(warn=True)
 
-__all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "__version__"]
+__all__ = [
+    "guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends",
+    "edm_sampler", "karras_schedule", "generate", "GeneratedBatch", "SeedNoise", "parse_seeds", "__version__",
+]
