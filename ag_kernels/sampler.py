@@ -227,6 +227,9 @@ def edm_sampler(
     t_steps = karras_schedule(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=device)
     t_host: List[float] = t_steps.tolist()
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
+    # The reference compares t_cur (a `dtype` tensor) with S_min/S_max, which torch rounds to `dtype`
+    # first: do the same, so that a bound within an ulp of a noise level churns the same steps.
+    S_min_t, S_max_t = (torch.tensor(v, dtype=dtype).item() for v in (S_min, S_max))
 
     x_next = noise.to(dtype) * t_steps[0]
     steps = range(num_steps)
@@ -237,7 +240,7 @@ def edm_sampler(
     for i in steps:
         x_cur = x_next
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        if gamma > 0 and S_min <= t_host[i] <= S_max:
+        if gamma > 0 and S_min_t <= t_host[i] <= S_max_t:
             # Churn (EDM Algorithm 2): raise the noise level to t_hat by adding fresh noise.
             t_hat = t_cur + gamma * t_cur
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)

@@ -1,0 +1,252 @@
+"""Saving and loading networks without running code from the file.
+
+Two formats load by default:
+
+* TorchScript archives (``torch.jit.script(net).save(path)`` / ``torch.jit.trace``): a zip whose
+  code is TorchScript, read by TorchScript's own loader, not by Python's pickle.
+* Our format, written by :func:`save_net`: a ``torch.save`` of a plain dict ::
+
+      {"format": "ag_kernels.net", "version": 1, "arch": name, "kwargs": {...}, "state_dict": {...}}
+
+  read with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain
+  containers.  The network is then built from a class registered in :mod:`ag_kernels.nets`
+  under ``arch``, so the file names an architecture but carries no code.
+
+Anything else that needs full unpickling, such as ``torch.save(model)`` or an EDM2 snapshot
+``.pkl``, can execute arbitrary code while loading; :func:`load_net` refuses it with
+:class:`UnsafeCheckpointError` unless the caller passes ``allow_pickle=True`` (CLI:
+``--allow-pickle``) for a file they trust.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from .nets import ARCHS, get_arch
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "UnsafeCheckpointError", "save_net", "load_net"]
+
+FORMAT = "ag_kernels.net"
+VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a network checkpoint load_net can read, or one that does not match its architecture."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that only full unpickling can read, which may run arbitrary code; load_net refused it."""
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _json_like(value) -> bool:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_json_like(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_like(v) for k, v in value.items())
+    return False
+
+
+def save_net(net: nn.Module, path: PathLike) -> None:
+    """Write ``net`` in our checkpoint format (see the module docstring) to ``path``.
+
+    ``net`` must be an instance of a class registered with :func:`ag_kernels.nets.register_arch`
+    (exactly that class, not a subclass, since the file records the registered name) that keeps
+    its constructor keyword arguments, JSON-like values only, in ``net.init_kwargs``.
+    The file is written to a temporary name first and then renamed, so an interrupted save never
+    leaves a truncated checkpoint at ``path``.
+    """
+    if isinstance(net, torch.jit.ScriptModule):
+        raise TypeError("net is a TorchScript module: save it with net.save(path); load_net reads that format too")
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+    name = getattr(type(net), "arch_name", None)
+    if name is None or ARCHS.get(name) is not type(net):
+        raise TypeError(
+            f"net is a {type(net).__qualname__}, which is not a registered architecture; registered: "
+            f"{sorted(ARCHS)}.  Decorate the class with @ag_kernels.nets.register_arch(name) (and store its "
+            "constructor kwargs in self.init_kwargs), or save it as TorchScript with torch.jit.script(net).save(path)"
+        )
+    kwargs = getattr(net, "init_kwargs", None)
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"net ({name}) must expose its constructor keyword arguments as a dict net.init_kwargs")
+    if not _json_like(kwargs):
+        raise TypeError(f"net.init_kwargs must hold JSON-like values only (str, int, float, bool, None, lists, "
+                        f"dicts with str keys), since they are stored in the checkpoint; got {kwargs!r}")
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, "arch": name, "kwargs": dict(kwargs),
+               "state_dict": net.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_torchscript(path: Path) -> bool:
+    """True for a TorchScript archive: a zip with a ``code/`` folder or ``constants.pkl`` (torch.save zips have
+    neither)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n == "constants.pkl" or n.endswith("/constants.pkl") or n.startswith("code/") or "/code/" in n
+               for n in names)
+
+
+def _looks_pickled(path: Path) -> bool:
+    """True when the file is a torch.save zip or starts with a well-formed pickle (parsed, never executed)."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            # genops only decodes opcodes; it imports and calls nothing.
+            for _ in pickletools.genops(f):
+                pass
+        return True
+    except Exception:  # any decoding failure: not a pickle
+        return False
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what was refused (e.g. the unsupported global)."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    reason = match.group(1).strip() if match else ""
+    return f" (torch: {reason})" if reason else ""
+
+
+def _full_unpickle(path: Path, device):
+    """Load with full unpickling (the caller allowed it): torch.save files, else plain pickles (EDM2 snapshots)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except RuntimeError as exc:
+        if "magic number" not in str(exc):
+            raise
+    with open(path, "rb") as f:  # a plain pickle.dump, not torch.save
+        return pickle.load(f)
+
+
+def _build(obj: dict, path: Path, device) -> nn.Module:
+    """The network described by one of our checkpoints (already loaded weights-only)."""
+    version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: bad format version {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{path}: format version {version} was written by a newer ag_kernels "
+                              f"(this one reads up to {VERSION}); upgrade ag_kernels")
+    arch, kwargs, state = obj.get("arch"), obj.get("kwargs"), obj.get("state_dict")
+    if not isinstance(kwargs, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint: 'kwargs' and 'state_dict' must be dicts")
+    try:
+        cls = get_arch(arch)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    try:
+        net = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot build {arch!r} from the stored kwargs {kwargs!r}: {exc}") from exc
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the stored weights do not match {arch!r} built with {kwargs!r}: {exc}") from exc
+    return net.to(device)
+
+
+def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_pickle: bool = False) -> nn.Module:
+    """Load a network saved as TorchScript or with :func:`save_net`; returned in eval mode on ``device``.
+
+    Loading never unpickles arbitrary objects unless ``allow_pickle=True``: a file that needs
+    that (a pickled ``nn.Module`` from ``torch.save(model)``, an EDM2 ``.pkl`` snapshot) raises
+    :class:`UnsafeCheckpointError`.  With ``allow_pickle=True`` such a file is loaded with
+    ``weights_only=False`` (plain pickles with ``pickle.load``), which runs whatever code the file
+    names: only for trusted files.  The result must then be an ``nn.Module``, or a dict holding
+    one under ``"ema"`` (the EDM2 snapshot layout).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError: the file needs full unpickling and ``allow_pickle`` is False.
+        CheckpointError: the file is not a network checkpoint, names an unregistered architecture,
+            or its weights do not fit the architecture.
+    """
+    if not isinstance(allow_pickle, bool):
+        raise TypeError(f"allow_pickle must be True or False, got {allow_pickle!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"network file not found: {str(path)!r}")
+    if not path.is_file():
+        raise CheckpointError(f"network path {str(path)!r} is not a file")
+    device = torch.device(device)
+
+    if _is_torchscript(path):
+        with warnings.catch_warnings():
+            # torch >= 2.9 flags all of torch.jit as deprecated; loading an archive the user
+            # chose is still supported, and the warning is not something they can act on here.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated",
+                                    category=DeprecationWarning)
+            try:
+                net = torch.jit.load(str(path), map_location=device)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path}: not a loadable TorchScript archive: {exc}") from exc
+        return net.eval()
+
+    try:
+        with warnings.catch_warnings():
+            # Plain pickles (protocol 4+) make the weights-only unpickler warn before it refuses them.
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not _looks_pickled(path):
+            raise CheckpointError(f"{path}: not a network checkpoint (neither TorchScript, nor a torch.save file, "
+                                  "nor a pickle)") from None
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load: this file stores Python objects (e.g. a pickled nn.Module from "
+                f"torch.save(model), or an EDM2 .pkl snapshot) that only full unpickling can rebuild, and "
+                f"unpickling can run arbitrary code{_torch_reason(exc)}.  If you trust the file, load it with "
+                "allow_pickle=True (CLI: --allow-pickle); better, convert it once with "
+                "ag_kernels.checkpoint.save_net or torch.jit.script(net).save(path)."
+            ) from None
+        try:
+            obj = _full_unpickle(path, device)
+        except (ImportError, AttributeError) as exc:
+            # The pickle names a class that is not importable here (e.g. EDM2's dnnlib/torch_utils).
+            raise CheckpointError(f"{path}: unpickling needs code that is not importable here: {exc}") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("ema"), nn.Module):
+            obj = obj["ema"]  # EDM2 snapshots: {"ema": network, ...}
+        if not isinstance(obj, nn.Module):
+            raise CheckpointError(f"{path}: unpickled a {type(obj).__name__}, not a torch.nn.Module network")
+        return obj.to(device).eval()
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: cannot read the file as a network checkpoint: {exc}") from exc
+
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _build(obj, path, device).eval()
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds a bare state_dict without its architecture; save the network with "
+                              "ag_kernels.checkpoint.save_net(net, path) or as TorchScript")
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a network checkpoint "
+                          f"(expected TorchScript or a {FORMAT!r} dict written by save_net)")
