@@ -1,0 +1,177 @@
+"""The toy experiment's denoisers: small magnitude-preserving MLPs that model a log-density.
+
+As in the paper's 2-D toy (Karras et al. 2024, Sec. 3 and App.), a network does not output D
+directly: it outputs a scalar log-density log p(x; sigma), and the denoiser is Tweedie's formula
+D(x; sigma) = x + sigma^2 grad_x log p(x; sigma).  Our parameterization (written for this
+project) makes that exact for Gaussian data of variance sigma_data^2 when the network outputs 0:
+
+    log p(x; sigma) = -|x|^2 / (2 (sigma^2 + sigma_data^2)) + (sigma_data / sigma) F(c_in x, c_noise)
+
+so that D = c_skip x + c_out grad_u F(u) at u = c_in x, with EDM's c_skip, c_out, c_in and
+c_noise = log(sigma) / 4.  F is a magnitude-preserving MLP (EDM2's design ideas: weights
+normalized to unit norm per output feature, a scaled SiLU and scaled sums keep activations at unit
+magnitude), so its input gradient is of unit scale at every noise level.
+
+Training (:func:`train`) regresses D onto the exact denoiser of the ground-truth mixture
+("exact score matching": the target is known in closed form, no data noise), with the EDM loss
+weight and an exponential moving average (EMA) of the weights, the model that is sampled.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["ToyDenoiser", "train", "SIGMA_DATA"]
+
+SIGMA_DATA = 0.5
+
+
+def _mp_silu(x: torch.Tensor) -> torch.Tensor:
+    # SiLU of a unit-variance normal has RMS 0.596: dividing keeps activations at unit magnitude.
+    return nn.functional.silu(x) / 0.596
+
+
+class _MPLinear(nn.Module):
+    """A linear layer whose effective weight rows have unit norm (forced weight normalization)."""
+
+    def __init__(self, in_features: int, out_features: int, generator: torch.Generator):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, generator=generator, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        # Unit-norm rows keep the output magnitude equal to the input's (unit-variance inputs stay so).
+        w = w / (w.norm(dim=1, keepdim=True) + 1e-4)
+        return x @ w.t()
+
+
+class ToyDenoiser(nn.Module):
+    """EDM-preconditioned denoiser for 2-D points whose output is the gradient of a learned log-density.
+
+    Args:
+        hidden: features per hidden layer (64 for the paper's main model, 32 for the small ones).
+        layers: hidden layers (4 in the paper's toy).
+        seed: initialization seed (deterministic).
+        dim: data dimension (2).
+
+    ``forward(x, sigma, labels=None)`` returns D(x; sigma) [N, dim] (``labels`` is ignored: one model
+    per class).  ``log_prob(x, sigma)`` returns the modelled log-density (up to a constant).
+    """
+
+    def __init__(self, hidden: int = 64, layers: int = 4, seed: int = 0, dim: int = 2):
+        super().__init__()
+        for name, value, low in (("hidden", hidden, 1), ("layers", layers, 1), ("dim", dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.init_kwargs = dict(hidden=int(hidden), layers=int(layers), seed=int(seed), dim=int(dim))
+        gen = torch.Generator().manual_seed(int(seed))
+        self.dim = int(dim)
+        # Input: the preconditioned point, the noise embedding and a constant 1 (a bias through the
+        # normalized weights).
+        self.inp = _MPLinear(self.dim + 2, hidden, gen)
+        self.hidden = nn.ModuleList([_MPLinear(hidden, hidden, gen) for _ in range(layers - 1)])
+        self.out = _MPLinear(hidden, 1, gen)
+        # A learned output gain starting at 0: the untrained model is the Gaussian N(0, sigma_data^2).
+        self.gain = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def _energy(self, u: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones_like(c_noise)
+        h = self.inp(torch.cat([u, c_noise, ones], dim=1))
+        for layer in self.hidden:
+            # Magnitude-preserving residual sum: (a + b) / sqrt(2) for unit-magnitude a and b.
+            h = (h + layer(_mp_silu(h))) / math.sqrt(2)
+        return self.out(_mp_silu(h))[:, 0] * self.gain.to(u.dtype)
+
+    def _sigma(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if s.dim() == 0:
+            s = s.expand(x.shape[0])
+        return s.reshape(x.shape[0], 1)
+
+    def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The modelled log p(x; sigma) [N], up to an additive constant per sigma."""
+        s = self._sigma(x, sigma)
+        var = s**2 + SIGMA_DATA**2
+        u = x / var.sqrt()
+        return -(x**2).sum(dim=1) / (2 * var[:, 0]) + (SIGMA_DATA / s[:, 0]) * self._energy(u, s.log() / 4)
+
+    def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
+        """D(x; sigma) = x + sigma^2 grad log p(x; sigma), differentiable when training."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape [N, {self.dim}], got {tuple(x.shape)}")
+        s = self._sigma(x, sigma)
+        # The gradient w.r.t. x is needed even under no_grad (sampling); in training it stays in the
+        # graph (create_graph) so the loss on D reaches the weights.
+        with torch.enable_grad():
+            xg = x if x.requires_grad else x.detach().requires_grad_(True)
+            logp = self.log_prob(xg, s)
+            (grad,) = torch.autograd.grad(logp.sum(), xg, create_graph=self.training)
+        return x + s**2 * grad
+
+
+def train(
+    model: ToyDenoiser,
+    target_denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sample_data: Callable[[int, torch.Generator], torch.Tensor],
+    *,
+    iterations: int,
+    batch_size: int = 4096,
+    lr: float = 1e-2,
+    ema_halflife: float = 0.05,
+    sigma_min: float = 0.002,
+    sigma_max: float = 5.0,
+    seed: int = 0,
+    progress: bool = False,
+    log: Optional[Callable[[int, float], None]] = None,
+) -> ToyDenoiser:
+    """Fit ``model`` to the exact denoiser and return an EMA copy of it (in eval mode).
+
+    ``target_denoiser(x, sigma)`` gives the ideal D for points x [N, 2] at noise levels sigma [N];
+    ``sample_data(n, generator)`` draws clean data.  Each iteration draws sigma log-uniformly in
+    [sigma_min, sigma_max], noisy points x = y + sigma n, and minimizes the EDM-weighted squared
+    error lambda(sigma) |D_theta(x; sigma) - D(x; sigma)|^2 with lambda = (sigma^2 + sigma_data^2) /
+    (sigma sigma_data)^2, which makes every noise level contribute at unit scale.  Adam with a
+    1/sqrt(t) learning-rate decay; the EMA half-life is a fraction of the iterations done so far.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    ema = copy.deepcopy(model).eval()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    steps = range(iterations)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="train", unit="it")
+    log_lo, log_hi = math.log(sigma_min), math.log(sigma_max)
+    for it in steps:
+        y = sample_data(batch_size, gen).to(torch.float64)
+        sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(batch_size, generator=gen, dtype=torch.float64))
+        x = y + sigma[:, None] * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            target = target_denoiser(x, sigma)
+        weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+        loss = (weight * ((model(x, sigma) - target) ** 2).sum(dim=1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr / math.sqrt(max(it / 100, 1))  # inverse-sqrt decay after a warm start
+        opt.step()
+        # EMA whose half-life grows with training (a fixed fraction of the steps taken so far).
+        beta = 0.5 ** (1 / max(ema_halflife * (it + 1), 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p.detach(), 1 - beta)
+        if log is not None:
+            log(it, float(loss.detach()))
+    model.eval()
+    return ema
