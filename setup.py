@@ -85,7 +85,9 @@ setup(
     python_requires=">=3.9",
     # A range that the installed torch satisfies: install torch first (see README) so that pip
     # does not fetch a multi-GB CUDA build.
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow", "matplotlib"],
+    # The toy experiment's trained models (small weights-only checkpoints) and their training log.
+    package_data={"ag_kernels.toy": ["weights/*.pt", "weights/*.json"]},
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["triton>=3.0", "pytest", "pytest-benchmark", "ninja"],

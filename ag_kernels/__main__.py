@@ -1,4 +1,4 @@
-"""Command line: ``python -m ag_kernels {demo,generate,verify}``."""
+"""Command line: ``python -m ag_kernels {demo,toy,generate,verify,selfcheck}``."""
 
 from __future__ import annotations
 
@@ -87,10 +87,15 @@ def _run_generate(parser, args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ag_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo
+    from . import selfcheck
+    from .toy import cli as toy_cli
 
-    p = sub.add_parser("demo", help="sample with the fused ops on every available backend and check them")
-    demo.add_arguments(p)
+    p = sub.add_parser("demo", help="the paper's 2-D toy: no guidance vs CFG vs autoguidance, measured and drawn")
+    toy_cli.add_demo_arguments(p)
+    p = sub.add_parser("toy", help="toy experiment tools (toy train: train the toy models)")
+    toy_cli.add_toy_arguments(p)
+    p = sub.add_parser("selfcheck", help="closed-form Gaussian sampler on every available backend, checked against the reference")
+    selfcheck.add_arguments(p)
     p = sub.add_parser("generate", help="generate samples from saved networks with the guided EDM sampler")
     _add_generate_arguments(p)
     sub.add_parser(
@@ -106,9 +111,13 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "generate":
         return _run_generate(parser, args)
+    if args.command == "demo":
+        return toy_cli.run_demo(parser, args)
+    if args.command == "toy":
+        return toy_cli.run_toy(parser, args)
     if args.batch < 1 or args.size < 1 or args.steps < 1:
         parser.error("--batch, --size and --steps must be >= 1")
-    ok = demo.run_demo(args.device, args.batch, args.size, args.steps, tuple(args.guidance), args.seed, args.net_dtype)
+    ok = selfcheck.run_selfcheck(args.device, args.batch, args.size, args.steps, tuple(args.guidance), args.seed, args.net_dtype)
     return 0 if ok else 1
 
 

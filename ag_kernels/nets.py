@@ -11,6 +11,8 @@ enough of a network for tests, the ``verify`` command and examples, where a "mai
 
 from __future__ import annotations
 
+import importlib
+
 import math
 from typing import Callable, Dict, Optional, Type, Union
 
@@ -53,13 +55,20 @@ def _qualified(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# Architectures defined in submodules that ``import ag_kernels`` does not load; get_arch imports
+# them on first use so their checkpoints load without the caller importing the module.
+_LAZY_ARCHS = {"toy_mlp": "ag_kernels.toy.model"}
+
+
 def get_arch(name: str) -> Type[nn.Module]:
     """The class registered as ``name``; a ValueError listing the registered names otherwise."""
+    if isinstance(name, str) and name not in ARCHS and name in _LAZY_ARCHS:
+        importlib.import_module(_LAZY_ARCHS[name])
     try:
         return ARCHS[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"unknown network architecture {name!r}; registered: {sorted(ARCHS) or 'none'} "
+            f"unknown network architecture {name!r}; registered: {sorted(set(ARCHS) | set(_LAZY_ARCHS))} "
             "(register new ones with ag_kernels.nets.register_arch)"
         ) from None
 

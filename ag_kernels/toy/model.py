@@ -27,6 +27,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..nets import register_arch
+
 __all__ = ["ToyDenoiser", "train", "SIGMA_DATA"]
 
 SIGMA_DATA = 0.5
@@ -51,6 +53,7 @@ class _MPLinear(nn.Module):
         return x @ w.t()
 
 
+@register_arch("toy_mlp")
 class ToyDenoiser(nn.Module):
     """EDM-preconditioned denoiser for 2-D points whose output is the gradient of a learned log-density.
 
@@ -127,6 +130,7 @@ def train(
     sigma_min: float = 0.002,
     sigma_max: float = 5.0,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
     progress: bool = False,
     log: Optional[Callable[[int, float], None]] = None,
 ) -> ToyDenoiser:
@@ -138,9 +142,12 @@ def train(
     error lambda(sigma) |D_theta(x; sigma) - D(x; sigma)|^2 with lambda = (sigma^2 + sigma_data^2) /
     (sigma sigma_data)^2, which makes every noise level contribute at unit scale.  Adam with a
     1/sqrt(t) learning-rate decay; the EMA half-life is a fraction of the iterations done so far.
+    The parameters stay float64; the forward pass runs in ``dtype``.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
@@ -158,9 +165,11 @@ def train(
         sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(batch_size, generator=gen, dtype=torch.float64))
         x = y + sigma[:, None] * torch.randn(y.shape, generator=gen, dtype=torch.float64)
         with torch.no_grad():
-            target = target_denoiser(x, sigma)
-        weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
-        loss = (weight * ((model(x, sigma) - target) ** 2).sum(dim=1)).mean()
+            target = target_denoiser(x, sigma).to(dtype)
+        weight = ((sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2).to(dtype)
+        # Data and target are drawn in float64; the network runs in ``dtype`` (float32 is 2.5x faster
+        # on a CPU, and the sampler evaluates it in float32 anyway).
+        loss = (weight * ((model(x.to(dtype), sigma.to(dtype)) - target) ** 2).sum(dim=1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:

@@ -1,0 +1,174 @@
+"""The toy experiment: shipped models, training command, sampling, scoring, the demo command."""
+
+import json
+import math
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+from ag_kernels.__main__ import main
+from ag_kernels.checkpoint import load_net
+from ag_kernels.toy import experiment as ex
+from ag_kernels.toy import tree_mixture
+from ag_kernels.toy.model import SIGMA_DATA, ToyDenoiser
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return ex.load_models()
+
+
+def _weighted_error(net, dist, gen, n=4096):
+    """EDM-weighted denoising error of net against the exact denoiser, over the training noise range."""
+    y = dist.sample(n, generator=gen)
+    sigma = torch.exp(math.log(0.002) + (math.log(5.0) - math.log(0.002)) * torch.rand(n, generator=gen, dtype=torch.float64))
+    x = y + sigma[:, None] * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    target = dist.denoise(x, sigma)
+    with torch.no_grad():
+        d = net(x.float(), sigma.float()).double()
+    weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+    return float((weight * ((d - target) ** 2).sum(1)).mean())
+
+
+def test_shipped_weights_are_weights_only_checkpoints():
+    for name, spec in ex.MODELS.items():
+        path = ex.WEIGHTS_DIR / f"{name}.pt"
+        assert zipfile.is_zipfile(path), path
+        obj = torch.load(path, weights_only=True)
+        assert obj["arch"] == "toy_mlp"
+        assert obj["kwargs"]["hidden"] == spec.hidden and obj["kwargs"]["layers"] == spec.layers
+        assert path.stat().st_size < 256 * 1024, "the shipped models must stay small"
+        assert isinstance(load_net(path), ToyDenoiser)
+    log = json.loads((ex.WEIGHTS_DIR / "train_log.json").read_text())
+    for name, spec in ex.MODELS.items():
+        assert log[name]["iterations"] == spec.iterations, "shipped weights must come from the full training run"
+
+
+def test_shipped_models_are_trained_and_ordered(shipped, gen):
+    """D_1 learned class A well; the guide is a worse model of the same class (the paper's premise);
+    the unconditional model learned the union, so it fits class A worse than D_1 does."""
+    a, ab = tree_mixture("A"), tree_mixture("AB")
+    untrained = ToyDenoiser(hidden=64, layers=4).eval()
+    err = {name: _weighted_error(net, a, gen) for name, net in shipped.items()}
+    err_untrained = _weighted_error(untrained, a, gen)
+    assert err["main"] < 0.5 * err_untrained, (err, err_untrained)
+    assert err["main"] < err["guide"], err
+    assert err["main"] < err["uncond"], err
+    # ... and the unconditional model is a good model of what it was trained on.
+    assert _weighted_error(shipped["uncond"], ab, gen) < 0.5 * _weighted_error(untrained, ab, gen)
+
+
+def test_toy_train_command_writes_loadable_models(tmp_path, capsys):
+    code = main(["toy", "train", "--out", str(tmp_path), "--iterations-scale", "0.005", "--batch", "128",
+                 "--no-progress"])
+    assert code == 0
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    for name, spec in ex.MODELS.items():
+        assert log[name]["iterations"] == max(1, round(spec.iterations * 0.005))
+        assert math.isfinite(log[name]["final_loss_mean_last_10pct"])
+    models = ex.load_models(tmp_path)
+    assert {n: (m.init_kwargs["hidden"], m.init_kwargs["layers"]) for n, m in models.items()} == {
+        n: (s.hidden, s.layers) for n, s in ex.MODELS.items()
+    }
+    assert "training main" in capsys.readouterr().out
+
+
+def test_train_models_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="names"):
+        ex.train_models(tmp_path, names=["nope"], progress=False)
+    with pytest.raises(ValueError, match="iterations_scale"):
+        ex.train_models(tmp_path, iterations_scale=0, progress=False)
+
+
+def test_load_models_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="toy train"):
+        ex.load_models(tmp_path)
+
+
+def test_outlier_threshold_is_the_stated_quantile(gen):
+    threshold = ex.outlier_threshold("A")
+    dist = tree_mixture("A")
+    fresh = dist.log_prob(dist.sample(200_000, generator=gen))
+    frac = float((fresh < threshold).double().mean())
+    # Binomial sd at p = 0.01, n = 2e5 is 2.2e-4; the threshold's own estimate (2^20 samples) adds 1e-4.
+    assert abs(frac - ex.OUTLIER_QUANTILE) < 2e-3, frac
+
+
+def test_scores_of_exact_samples_and_of_a_collapsed_cloud(gen):
+    dist = tree_mixture("A")
+    threshold = ex.outlier_threshold("A")
+    ref = dist.sample(4096, generator=gen)
+    exact = ex.score_samples(dist.sample(4096, generator=gen), ref, threshold=threshold)
+    assert exact["precision"] > 0.85 and exact["recall"] > 0.85, exact
+    assert abs(exact["outlier_frac"] - ex.OUTLIER_QUANTILE) < 0.01, exact
+    assert exact["f1"] == pytest.approx(2 * exact["precision"] * exact["recall"] / (exact["precision"] + exact["recall"]))
+    # All samples on the trunk's middle component: precise, on the data, but no variety.
+    trunk = dist.means[dist.weights.argmax()]
+    collapsed = trunk + 0.01 * torch.randn(4096, 2, generator=gen, dtype=torch.float64)
+    m = ex.score_samples(collapsed, ref, threshold=threshold)
+    assert m["precision"] > 0.9 and m["recall"] < 0.2 and m["outlier_frac"] < 0.01, m
+    assert m["mean_logp"] > exact["mean_logp"]
+
+
+def test_run_sweeps_every_weight_and_picks_the_best_f1(shipped):
+    result = ex.run(shipped, n=256, cfg_weights=[2.0, 3.0], ag_weights=[1.5, 2.5], num_steps=6, seed=3)
+    assert [(r.method, r.guidance) for r in result.sweep] == [
+        ("none", 1.0), ("cfg", 2.0), ("cfg", 3.0), ("autoguidance", 1.5), ("autoguidance", 2.5)
+    ]
+    for method in ("none", "cfg", "autoguidance"):
+        rows = [r for r in result.sweep if r.method == method]
+        assert result.best[method].metrics["f1"] == max(r.metrics["f1"] for r in rows)
+    # "none" is D_1 alone from the same noise as every other row.
+    alone = ex.sample(shipped["main"], None, 1.0, 256, seed=3, num_steps=6)
+    assert torch.equal(result.best["none"].samples, alone)
+    assert set(result.to_json()) == {"none", "cfg", "autoguidance"}
+
+
+def test_run_rejects_bad_arguments(shipped):
+    with pytest.raises(ValueError, match="cfg_weights"):
+        ex.run(shipped, n=64, cfg_weights=[0.5])
+    with pytest.raises(ValueError, match="ag_weights"):
+        ex.run(shipped, n=64, ag_weights=[])
+    with pytest.raises(ValueError, match="missing"):
+        ex.run({"main": shipped["main"]}, n=64)
+    with pytest.raises(ValueError, match="n must be"):
+        ex.run(shipped, n=2)
+
+
+def test_demo_command_writes_json_and_png(tmp_path, capsys):
+    out_json, out_png = tmp_path / "m.json", tmp_path / "fig.png"
+    code = main(["demo", "--n", "300", "--steps", "6", "--cfg-weights", "2", "3", "--ag-weights", "2",
+                 "--device", "cpu", "--json", str(out_json), "--png", str(out_png)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    metrics = json.loads(out_json.read_text())
+    assert set(metrics) == {"none", "cfg", "autoguidance"}
+    assert metrics["none"]["guidance"] == 1.0 and metrics["cfg"]["guidance"] in (2.0, 3.0)
+    assert metrics["autoguidance"]["guidance"] == 2.0
+    for row in metrics.values():
+        assert {"guidance", "precision", "recall", "mean_logp", "outlier_frac"} <= set(row)
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["outlier_frac"] <= 1
+        assert math.isfinite(row["mean_logp"])
+    with Image.open(out_png) as png:
+        assert png.format == "PNG" and png.size[0] > 4 * png.size[1] / 2
+    assert "backends vs torch" in text and "-> ok" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "2"], "--n"),
+    (["--steps", "0"], "--steps"),
+    (["--ag-weights", "0.5"], "--ag-weights"),
+    (["--cfg-weights", "nan"], "--cfg-weights"),
+])
+def test_demo_command_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--no-png", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_command_without_weights(tmp_path, capsys):
+    assert main(["demo", "--weights", str(tmp_path), "--no-png"]) == 2
+    assert "toy train" in capsys.readouterr().err
