@@ -1,12 +1,15 @@
-"""Benchmark set-up: record the device, torch/triton versions and the bytes each case must move.
+"""Benchmark set-up: record the device, torch/triton versions and date with every run.
 
-Run: ``python -m pytest bench --benchmark-only --benchmark-json=PATH`` then
-``python bench/report.py PATH`` for the GB/s table.  Triton on CPU tensors (the interpreter)
-is never benchmarked: it is a checking aid, not a backend for speed.
+Run the standard set with ``python -m bench`` (results under bench/results/<device-slug>/), or
+any part with ``python -m pytest bench --benchmark-only --benchmark-json=PATH`` and then
+``python bench/report.py PATH --out-dir DIR``.  Triton on CPU tensors (the interpreter) is never
+benchmarked: it is a checking aid, not a backend for speed.
 """
 
 import datetime
+import os
 import platform
+import re
 
 import torch
 
@@ -26,6 +29,18 @@ def device_name(device: str) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
+def main_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_slug(device: str) -> str:
+    """A folder name for the device: e.g. nvidia-h100-80gb-hbm3, cpu-amd-epyc-2threads."""
+    name = device_name(device)
+    if device == "cpu":
+        name = f"cpu {re.sub(r' [(].*', '', name)} {torch.get_num_threads()}threads"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     try:
         import triton
@@ -38,5 +53,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": triton_version,
         "cpu": device_name("cpu"),
         "cuda": device_name("cuda") if torch.cuda.is_available() else None,
+        "device": device_name(main_device()),
+        "device_slug": device_slug(main_device()),
+        "profile": os.environ.get("AG_BENCH_PROFILE", "standard"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,56 +1,190 @@
-"""Markdown table of a pytest-benchmark JSON from bench/: median time, GB/s, share of the copy
-bandwidth measured in the same run, and speed-up over the eager formula.
+"""Turn a pytest-benchmark JSON from bench/ into results.json, a markdown table and a PNG plot.
 
-    python bench/report.py RESULTS.json [--out TABLE.md]
+    python bench/report.py RAW.json --out-dir DIR
+
+Step ops: median time, GB/s (bytes that must move: each input read once, the output written
+once), the share of the copy bandwidth measured in the same run, and the speed-up over the eager
+formula and over ``torch.compile`` of it.  Sampler: images (or point batches) per second, the
+speed-up over the eager reference loop, and the measured agreement of the two outputs.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from collections import OrderedDict
+from pathlib import Path
 
 
-def table(data) -> str:
-    info = data.get("machine_info", {}).get("ag_kernels", {})
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def _opt(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def summarize(raw: dict, **meta) -> dict:
+    """The rows of results.json from pytest-benchmark's JSON (``raw``) and run metadata."""
+    info = raw.get("machine_info", {}).get("ag_kernels", {})
     groups = OrderedDict()
-    for b in data["benchmarks"]:
+    for b in raw["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
-    lines = [
-        f"torch {info.get('torch')}, triton {info.get('triton')}, {info.get('date')}",
-        f"CPU: {info.get('cpu')}; GPU: {info.get('cuda')}",
-        "",
-        "| group | case | median | GB/s | % of copy GB/s | x eager |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+    step_rows, sampler_rows = [], []
     for group, rows in groups.items():
         medians = {r["extra_info"]["case"]: r["stats"]["median"] for r in rows}
+        if group.startswith("sampler"):
+            for r in rows:
+                e, median = r["extra_info"], r["stats"]["median"]
+                sampler_rows.append({
+                    "group": group, "pair": e["pair"], "nets": e.get("nets"), "batch": e["batch"], "case": e["case"],
+                    "steps": e["steps"], "guidance": e["guidance"], "median_s": median,
+                    "images_per_s": e["batch"] / median,
+                    "speedup_vs_eager": medians["eager"] / median if "eager" in medians else None,
+                    "max_rel_diff_vs_eager": e.get("max_rel_diff_vs_eager"),
+                    "max_rel_diff_vs_eager_fp32": e.get("max_rel_diff_vs_eager_fp32"),
+                })
+            continue
         copy_gbs = None
         if "copy" in medians:
             copy = next(r for r in rows if r["extra_info"]["case"] == "copy")
             copy_gbs = copy["extra_info"]["bytes"] / medians["copy"] / 1e9
         for r in rows:
-            case, median = r["extra_info"]["case"], r["stats"]["median"]
-            gbs = r["extra_info"]["bytes"] / median / 1e9
-            share = f"{100 * gbs / copy_gbs:.0f}%" if copy_gbs else "-"
-            speedup = f"{medians['eager'] / median:.2f}" if "eager" in medians and case != "copy" else "-"
-            unit = f"{median * 1e3:.2f} ms" if median >= 1e-3 else f"{median * 1e6:.1f} us"
-            lines.append(f"| {group} | {case} | {unit} | {gbs:.1f} | {share} | {speedup} |")
-    return "\n".join(lines) + "\n"
+            e, median = r["extra_info"], r["stats"]["median"]
+            gbs = e["bytes"] / median / 1e9
+            step_rows.append({
+                "group": group, "op": e["op"], "n": e["n"], "d_dtype": e["d_dtype"], "case": e["case"],
+                "median_s": median, "gb_per_s": gbs,
+                "copy_fraction": gbs / copy_gbs if copy_gbs and e["case"] != "copy" else None,
+                "speedup_vs_eager": medians["eager"] / median if "eager" in medians and e["case"] != "copy" else None,
+                "speedup_vs_compile": medians["compile"] / median if "compile" in medians and e["case"] != "copy" else None,
+                "compile_s": e.get("compile_s"),
+            })
+    return {**info, **meta, "step_ops": step_rows, "sampler": sampler_rows}
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        f"# ag_kernels benchmarks: {summary.get('device')}",
+        "",
+        f"torch {summary.get('torch')}, triton {summary.get('triton')}, {summary.get('date')}; "
+        f"profile {summary.get('profile')}; command `{summary.get('command')}`",
+        "",
+        "Medians of pytest-benchmark rounds; every case of a group ran side by side in one run on the same tensors.",
+        "",
+    ]
+    if summary["step_ops"]:
+        lines += [
+            "## Step ops",
+            "",
+            "GB/s counts the bytes that must move (each input read once, the output written once). "
+            "`eager` is the formula as an eager sampler writes it (cast, lerp, subtract, divide, multiply, add); "
+            "`compile` is `torch.compile` of that formula (compile time in its own column); `eager_noalloc` the "
+            "same ops into preallocated buffers; `<backend>` writes into `out=`, `<backend>_alloc` returns a new tensor.",
+            "",
+            "| op | elements | D dtype | case | median | GB/s | of copy | x eager | x compile | compile time |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in summary["step_ops"]:
+            cells = [r["op"], f"2^{int(math.log2(r['n']))} ({r['n']})", r["d_dtype"], r["case"], _fmt_time(r["median_s"]),
+                     f"{r['gb_per_s']:.1f}", _opt(r["copy_fraction"], "{:.0%}"), _opt(r["speedup_vs_eager"], "{:.2f}"),
+                     _opt(r["speedup_vs_compile"], "{:.2f}"), _opt(r["compile_s"], "{:.1f} s")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if summary["sampler"]:
+        lines += [
+            "## Whole sampler",
+            "",
+            "`eager`: `ag_kernels.reference.torch_edm_sampler` (the published algorithm op by op); "
+            "`ag_kernels`: `ag_kernels.edm_sampler`. Same networks, noise and labels; Heun, guidance 2.1. "
+            "`max rel diff` is max |a - b| / max |b| of the two outputs in this run; for the bf16 UNet pair, "
+            "`fp32 check` is the same with autocast off (asserted <= 1e-5; bf16 roundings flip between samplers, "
+            "so the bf16 figure is only reported).",
+            "",
+            "| nets | batch | steps | case | median | samples/s | x eager | max rel diff | fp32 check |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in summary["sampler"]:
+            cells = [r["nets"], str(r["batch"]), str(r["steps"]), r["case"], _fmt_time(r["median_s"]),
+                     f"{r['images_per_s']:.1f}", _opt(r["speedup_vs_eager"], "{:.2f}"),
+                     _opt(r["max_rel_diff_vs_eager"], "{:.1e}"), _opt(r["max_rel_diff_vs_eager_fp32"], "{:.1e}")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path) -> Path:
+    """GB/s against size for each op and D dtype, and the sampler speed-ups, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = OrderedDict()
+    for r in summary["step_ops"]:
+        panels.setdefault((r["op"], r["d_dtype"]), []).append(r)
+    ncols = len(panels) + (1 if summary["sampler"] else 0)
+    fig, axes = plt.subplots(1, max(ncols, 1), figsize=(4.2 * max(ncols, 1), 3.8), squeeze=False)
+    axes = list(axes[0])
+    for ax, ((op, dtype), rows) in zip(axes, panels.items()):
+        cases = OrderedDict()
+        for r in rows:
+            cases.setdefault(r["case"], []).append((r["n"], r["gb_per_s"]))
+        for case, pts in cases.items():
+            pts.sort()
+            style = "--" if case in ("copy",) else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=case)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements")
+        ax.set_ylabel("GB/s (bytes that must move)")
+        ax.set_title(f"{op}, D {dtype}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if summary["sampler"]:
+        ax = axes[len(panels)]
+        rows = [r for r in summary["sampler"] if r["case"] != "eager" and r["speedup_vs_eager"] is not None]
+        labels = [f"{r['pair']} b{r['batch']}" for r in rows]
+        ax.bar(range(len(rows)), [r["speedup_vs_eager"] for r in rows], color="tab:green")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("edm_sampler speed-up vs eager loop")
+        ax.set_title("whole sampler", fontsize=10)
+    fig.suptitle(f"{summary.get('device')} - torch {summary.get('torch')} - {summary.get('date')}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write(raw: dict, out_dir, **meta) -> dict:
+    """results.json, results.md and results.png in ``out_dir``; returns the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(raw, **meta)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(summary))
+    plot(summary, out_dir / "results.png")
+    return summary
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="output of pytest --benchmark-json")
-    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--out-dir", required=True, help="where to write results.json, results.md, results.png")
     args = parser.parse_args(argv)
-    with open(args.json, encoding="utf-8") as f:
-        text = table(json.load(f))
-    sys.stdout.write(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    raw = json.loads(Path(args.json).read_text())
+    info = raw.get("machine_info", {}).get("ag_kernels", {})
+    write(raw, args.out_dir, device=info.get("device"), profile=None, command=None)
+    print((Path(args.out_dir) / "results.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

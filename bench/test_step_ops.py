@@ -1,11 +1,17 @@
-"""euler_step / heun_step: every fast backend vs the eager PyTorch formula and a plain copy.
+"""euler_step / heun_step: every fast backend vs the eager formula, torch.compile of it, and a copy.
 
 Cases of one group run side by side in one session on the same tensors, so their ratios are
 meaningful; bytes moved (each input read once, the output written once) go into extra_info for
-bench/report.py.  Sizes: 16M elements on the CPU (AG_BENCH_NUMEL overrides), 16M and 64M on a GPU.
+bench/report.py.  Sizes: 2**12 to 2**26 elements in steps of 4x on a GPU; on a CPU 2**12 to 2**24
+in steps of 16x, so the suite stays short there (AG_BENCH_NUMEL="n1,n2,..." overrides both).
+
+The "compile" case is ``torch.compile`` (inductor, static shapes) of the same eager formula; its
+first call, the compilation, is timed on its own and recorded as ``compile_s``, and is not part of
+the benchmark rounds.
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -20,7 +26,7 @@ W, T_CUR, T_NEXT = 2.1, 1.25, 0.9
 def _sizes(device):
     if "AG_BENCH_NUMEL" in os.environ:
         return [int(v) for v in os.environ["AG_BENCH_NUMEL"].split(",")]
-    return [16 * 2**20] if device == "cpu" else [16 * 2**20, 64 * 2**20]
+    return [2**p for p in range(12, 25, 4)] if device == "cpu" else [2**p for p in range(12, 27, 2)]
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -63,7 +69,11 @@ def _run(benchmark, device, fn, nbytes, **info):
         fn()
         sync()
 
-    for _ in range(3):  # warm-up: Triton compilation, allocator, page faults of fresh outputs
+    start = time.perf_counter()
+    timed()
+    if info.get("case") == "compile":
+        info["compile_s"] = time.perf_counter() - start  # the first call compiles
+    for _ in range(2):  # warm-up: Triton compilation, allocator, page faults of fresh outputs
         timed()
     benchmark.extra_info.update(bytes=nbytes, device=device, **info)
     benchmark(timed)
@@ -71,7 +81,20 @@ def _run(benchmark, device, fn, nbytes, **info):
 
 def _cases(op, device):
     fast = _fast_backends(device)
-    return ["copy", "eager", "eager_noalloc"] + fast + [f"{b}_alloc" for b in fast]
+    return ["copy", "eager", "compile", "eager_noalloc"] + fast + [f"{b}_alloc" for b in fast]
+
+
+# One compiled function per (op, size, dtype), specialized to its static shapes: raise dynamo's
+# recompilation limit so none of them silently falls back to eager.
+for _name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 1024)
+
+
+def _compiled(op):
+    formula = reference.torch_euler_step if op == "euler_step" else reference.torch_heun_step
+    # A fresh wrapper per configuration, so every compile is timed from scratch.
+    return torch.compile(lambda *args: formula(*args), dynamic=False, fullgraph=True)
 
 
 def _eager_noalloc(op, t):
@@ -105,7 +128,9 @@ def _params(op):
 def _bench(benchmark, op, device, n, d_dtype, case):
     t = _data(device, n, d_dtype)
     x, x_euler, d_main, d_guide, out = t["x"], t["x_euler"], t["d_main"], t["d_guide"], t["out"]
-    benchmark.group = f"{op} {device} n={n} d={str(d_dtype).replace('torch.', '')}"
+    dname = str(d_dtype).replace("torch.", "")
+    benchmark.group = f"{op} {device} n={n} d={dname}"
+    benchmark.extra_info.update(op=op, n=n, d_dtype=dname)
     inputs = [x, d_main, d_guide] + ([x_euler] if op == "heun_step" else [])
     step_bytes = sum(v.numel() * v.element_size() for v in inputs) + out.numel() * out.element_size()
     if case == "copy":
@@ -117,6 +142,14 @@ def _bench(benchmark, op, device, n, d_dtype, case):
             fn = lambda: reference.torch_euler_step(x, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
         else:
             fn = lambda: reference.torch_heun_step(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
+        _run(benchmark, device, fn, step_bytes, case=case)
+        return
+    if case == "compile":
+        fn_c = _compiled(op)
+        if op == "euler_step":
+            fn = lambda: fn_c(x, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
+        else:
+            fn = lambda: fn_c(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT)  # noqa: E731
         _run(benchmark, device, fn, step_bytes, case=case)
         return
     if case == "eager_noalloc":

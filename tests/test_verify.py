@@ -10,6 +10,7 @@ whose rounding can differ between CPUs.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import ag_kernels
+from ag_kernels import reference
 from ag_kernels.verify import (
     ReferenceSamplerError,
     format_table,
@@ -36,9 +38,15 @@ def _checkout(tmp_path, source: str, name="generate_images.py") -> Path:
     return root
 
 
+def _standalone_source() -> str:
+    """A generate_images.py whose edm_sampler is the reference transcription's own text (to mutate)."""
+    body = inspect.getsource(reference.torch_edm_sampler).replace("def torch_edm_sampler(", "def edm_sampler(", 1)
+    return "import math\n\nimport torch\n\n\n" + body
+
+
 def _wrong_checkout(tmp_path) -> Path:
     """A checkout whose edm_sampler skips Heun's correction (an Euler sampler): a real algorithmic difference."""
-    source = (STANDIN / "generate_images.py").read_text()
+    source = _standalone_source()
     wrong = source.replace("if step < num_steps - 1:", "if False:")
     assert wrong != source
     return _checkout(tmp_path, wrong)
@@ -87,9 +95,13 @@ def test_main_fails_on_a_wrong_sampler(tmp_path, capsys):
 
 def test_wrong_guidance_blend_is_caught(tmp_path):
     # Guidance applied the other way round (from D_1 toward D_0): identical at w = 1, wrong otherwise.
-    source = (STANDIN / "generate_images.py").read_text()
+    source = _standalone_source()
     wrong = source.replace("d_guide.lerp(d_main, guidance)", "d_main.lerp(d_guide, guidance)")
     assert wrong != source
+    # Unmutated, the same text passes: the failure below is the blend's.
+    (tmp_path / "right").mkdir()
+    assert all(r["ok"] for r in verify(load_reference_sampler(_checkout(tmp_path / "right", source)), backends=["torch"],
+                                       steps=(6,), churns=(0.0,)))
     rows = verify(load_reference_sampler(_checkout(tmp_path, wrong)), backends=["torch"], steps=(6,), churns=(0.0,))
     assert [r["ok"] for r in rows] == [True, False]
 
