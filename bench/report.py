@@ -42,7 +42,7 @@ def summarize(raw: dict, **meta) -> dict:
             for r in rows:
                 e, median = r["extra_info"], r["stats"]["median"]
                 sampler_rows.append({
-                    "group": group, "pair": e["pair"], "nets": e.get("nets"), "batch": e["batch"], "case": e["case"],
+                    "group": group, "device": e["device"], "pair": e["pair"], "nets": e.get("nets"), "batch": e["batch"], "case": e["case"],
                     "steps": e["steps"], "guidance": e["guidance"], "median_s": median,
                     "images_per_s": e["batch"] / median,
                     "speedup_vs_eager": medians["eager"] / median if "eager" in medians else None,
@@ -58,7 +58,7 @@ def summarize(raw: dict, **meta) -> dict:
             e, median = r["extra_info"], r["stats"]["median"]
             gbs = e["bytes"] / median / 1e9
             step_rows.append({
-                "group": group, "op": e["op"], "n": e["n"], "d_dtype": e["d_dtype"], "case": e["case"],
+                "group": group, "device": e["device"], "op": e["op"], "n": e["n"], "d_dtype": e["d_dtype"], "case": e["case"],
                 "median_s": median, "gb_per_s": gbs,
                 "copy_fraction": gbs / copy_gbs if copy_gbs and e["case"] != "copy" else None,
                 "speedup_vs_eager": medians["eager"] / median if "eager" in medians and e["case"] != "copy" else None,

@@ -29,7 +29,9 @@ def _sizes(device):
     return [2**p for p in range(12, 25, 4)] if device == "cpu" else [2**p for p in range(12, 27, 2)]
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The run's device (CUDA when present, as bench/results/<device-slug> is named after it);
+# AG_BENCH_DEVICES="cpu,cuda" measures both.
+DEVICES = os.environ.get("AG_BENCH_DEVICES", "cuda" if torch.cuda.is_available() else "cpu").split(",")
 CONFIGS = [(dev, n, d) for dev in DEVICES for n in _sizes(dev) for d in (torch.float32, torch.bfloat16)]
 
 

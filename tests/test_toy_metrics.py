@@ -134,11 +134,13 @@ def test_shifted_cloud_low(gen):
     real = torch.randn(N, 2, generator=gen)
     fake = torch.randn(N, 2, generator=gen)
     p_same, r_same = precision_recall(real, fake)
-    # A 3-std shift in both coordinates (4.2 std away) still overlaps the k-NN support of the
-    # real sample: the balls of tail points are large (measured P, R in 0.29-0.63).
-    p, r = precision_recall(real, fake + 3.0)
-    assert p < 0.8 and r < 0.8
-    assert p < p_same - 0.15 and r < r_same - 0.15
+    # A 4-std shift in both coordinates (5.7 std away) still overlaps the k-NN support of the
+    # real sample, because the balls of tail points are large.  The figure is heavy-tailed over
+    # seeds: max(P, R) measured 0.02-0.51 over 60 seeds (a 3-std shift gave 0.25-0.86, too close
+    # to "same distribution" for a reliable bound).
+    p, r = precision_recall(real, fake + 4.0)
+    assert p < 0.7 and r < 0.7
+    assert p < p_same - 0.3 and r < r_same - 0.3
     # far apart (8 std along one axis): essentially no overlap (measured <= 0.007)
     p, r = precision_recall(real, fake + torch.tensor([8.0, 0.0]))
     assert p < 0.05 and r < 0.05
