@@ -7,7 +7,8 @@ in steps of 16x, so the suite stays short there (AG_BENCH_NUMEL="n1,n2,..." over
 
 The "compile" case is ``torch.compile`` (inductor, static shapes) of the same eager formula; its
 first call, the compilation, is timed on its own and recorded as ``compile_s``, and is not part of
-the benchmark rounds.
+the benchmark rounds.  ``python -m bench`` starts with empty inductor/Triton caches, so that is a
+cold compile (a plain pytest run uses whatever caches it finds).
 """
 
 import os

@@ -75,7 +75,7 @@ C10_HOST_DEVICE RowConstants<T> row_constants(const Coefficients& c, int64_t row
   return r;
 }
 
-// One step on values of type V: T itself, or a SIMD vector of T (at::vec::Vectorized<T>).
+// One step on values of type V: T itself on both devices (the CPU loop is vectorized by the compiler).
 // x is x_hat (x for the score), xe is x_euler (Heun only); D_1/D_0 are already in T.
 template <int OP, bool HAS_GUIDE, typename V, typename T>
 C10_HOST_DEVICE V step_value(const RowConstants<T>& r, V x, V xe, V D_1, V D_0) {
