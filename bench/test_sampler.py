@@ -58,12 +58,11 @@ def _nets(pair):
             from ag_kernels.toy.experiment import load_models
 
             models = load_models(device=DEVICE)
-            _NETS[pair] = (models["main"], models["guide"], None)
+            _NETS[pair] = (models["main"], models["guide"])
         else:
             from bench.unet import make_pair
 
-            net, gnet = make_pair(*UNET_SIZES, DEVICE)
-            _NETS[pair] = (net, gnet, None)
+            _NETS[pair] = make_pair(*UNET_SIZES, DEVICE)
     return _NETS[pair]
 
 
@@ -88,7 +87,7 @@ def _params():
 
 @pytest.mark.parametrize("pair, batch, case", _params())
 def test_sampler(benchmark, pair, batch, case):
-    net, gnet, _ = _nets(pair)
+    net, gnet = _nets(pair)
     noise, labels = _inputs(pair, batch, net)
     sigma_max = 5.0 if pair == "toy" else 80.0
     kwargs = dict(num_steps=STEPS, sigma_max=sigma_max, guidance=W)

@@ -12,9 +12,6 @@ import torch
 
 from . import experiment as ex
 
-_COLUMNS = ("precision", "recall", "f1", "mean_logp", "outlier_frac")
-
-
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=8192, help="samples per method and w (default 8192)")
     p.add_argument("--cfg-weights", type=float, nargs="+", default=list(ex.DEFAULT_CFG_WEIGHTS),
@@ -43,7 +40,8 @@ def _backend_check(models, result: ex.MethodResult, n: int, seed: int, device) -
     """Every available backend samples the same w from the same noise; all must agree with "torch"."""
     from .._backends import available_backends
 
-    gnet = models["guide"] if result.method == "autoguidance" else models["uncond"] if result.method == "cfg" else None
+    guide = ex.GUIDES[result.method]
+    gnet = models[guide] if guide else None
     ref = ex.sample(models["main"], gnet, result.guidance, n, seed=seed, device=device, backend="torch")
     worst, parts = 0.0, []
     for b in available_backends(device):

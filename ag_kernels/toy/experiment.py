@@ -34,7 +34,7 @@ from .metrics import mean_log_prob, outlier_fraction, precision_recall
 from .model import ToyDenoiser, train
 
 __all__ = [
-    "ModelSpec", "MODELS", "WEIGHTS_DIR", "NUM_STEPS", "SIGMA_MIN", "SIGMA_MAX", "K", "OUTLIER_QUANTILE",
+    "ModelSpec", "MODELS", "GUIDES", "WEIGHTS_DIR", "NUM_STEPS", "SIGMA_MIN", "SIGMA_MAX", "K", "OUTLIER_QUANTILE",
     "DEFAULT_CFG_WEIGHTS", "DEFAULT_AG_WEIGHTS", "train_models", "load_models", "sample",
     "outlier_threshold", "score_samples", "MethodResult", "Experiment", "run", "plot",
 ]
@@ -62,6 +62,9 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec("uncond", "AB", 32, 4, 512, 3, "CFG D_0: classes A and B, 4 x 32, 512 iterations"),
     )
 }
+
+#: Method -> the model that guides D_1 ("main"), or None for no guidance.
+GUIDES: Dict[str, Optional[str]] = {"none": None, "cfg": "uncond", "autoguidance": "guide"}
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 NUM_STEPS = 32
@@ -268,11 +271,10 @@ def run(
     reference = dist.sample(n, generator=torch.Generator().manual_seed(10_000 + seed))
     exact = dist.sample(n, generator=torch.Generator().manual_seed(20_000 + seed))
     data = MethodResult("data", float("nan"), score_samples(exact, reference, threshold=threshold), exact)
-    plan = [("none", 1.0, None)]
-    plan += [("cfg", w, models["uncond"]) for w in cfg_weights]
-    plan += [("autoguidance", w, models["guide"]) for w in ag_weights]
+    plan = [("none", 1.0)] + [("cfg", w) for w in cfg_weights] + [("autoguidance", w) for w in ag_weights]
     sweep = []
-    for method, w, gnet in plan:
+    for method, w in plan:
+        gnet = models[GUIDES[method]] if GUIDES[method] else None
         x = sample(models["main"], gnet, w, n, seed=seed, device=device, backend=backend, num_steps=num_steps)
         result = MethodResult(method, w, score_samples(x, reference, threshold=threshold), x)
         sweep.append(result)

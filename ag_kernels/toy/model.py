@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import nn
