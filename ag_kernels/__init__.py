@@ -7,7 +7,7 @@ step update, reading float16/bfloat16/float32 network outputs directly.
 """
 
 from ._backends import _load_ext, available_backends
-from .ops import euler_step, guided_denoise, guided_score, heun_step
+from .ops import PreparedSteps, euler_step, guided_denoise, guided_score, heun_step
 from .sampler import edm_sampler, karras_schedule
 from .seeds import SeedNoise, parse_seeds
 from .generation import GeneratedBatch, generate
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 _load_ext(warn=True)
 
 __all__ = [
-    "guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends",
+    "guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "PreparedSteps",
     "edm_sampler", "karras_schedule", "generate", "GeneratedBatch", "SeedNoise", "parse_seeds", "__version__",
 ]

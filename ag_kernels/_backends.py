@@ -8,16 +8,13 @@ from typing import List, Optional, Union
 
 import torch
 
+from ._fake import noop_fake
+
 BACKENDS = ("torch", "triton", "ext")
 EXT_OPS = ("guided_denoise", "euler_step", "heun_step", "guided_score")
 
 _EXT_ERROR: Optional[str] = None
 _ext = None
-
-
-def _fake_step_op(*args, **kwargs):
-    # Every ag_kernels op only writes into its `out` argument: a fake has nothing to allocate or return.
-    return None
 
 
 def _register_ext_fakes() -> None:
@@ -28,7 +25,7 @@ def _register_ext_fakes() -> None:
     for name in EXT_OPS:
         qualname = f"ag_kernels::{name}"
         if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
-            torch.library.register_fake(qualname)(_fake_step_op)
+            torch.library.register_fake(qualname)(noop_fake)
 
 
 def _load_ext(warn: bool = False):

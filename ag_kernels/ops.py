@@ -32,16 +32,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from . import reference
 from ._backends import available_backends, resolve_backend
 
-__all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends"]
+__all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "PreparedSteps"]
 
 X_DTYPES = (torch.float32, torch.float64)
+_OPS = ("guided_denoise", "euler_step", "heun_step", "guided_score")
 D_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -175,6 +176,91 @@ def _in_layout(t: Optional[torch.Tensor], strides) -> Optional[torch.Tensor]:
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
+# --------------------------------------------------------------------------- fast path
+#
+# A sampler calls these ops twice per step with small tensors on a GPU or small problems on a
+# CPU, where the checks above (tens of microseconds of Python) would cost more than the kernel.
+# The common call (plain contiguous tensors, matching shapes, devices and dtypes, finite Python
+# numbers) is recognized with O(1) attribute reads and handed straight to the kernel op; every
+# other call, including every bad one, takes the checked path below, which raises the errors.
+
+_EXACT_INT = 2**53
+# Lower bounds of (guidance, sigma, sigma_next) per op, as _fast_numbers reads them.
+_EULER_BOUNDS = (None, 0, "0=")
+_HEUN_BOUNDS = (None, 0, 0)
+_SCORE_BOUNDS = (None, 0)
+_FAST_KERNELS: Dict[Tuple[str, torch.device], Optional[Dict[str, object]]] = {}
+_UNRESOLVED = object()
+
+
+def _kernel_table(backend, device: torch.device) -> Optional[Dict[str, object]]:
+    """The kernel ops (name -> OpOverload) that ``backend`` runs on ``device``; None for "torch".
+
+    Backend availability cannot change once ag_kernels is imported (the extension loads at import;
+    TRITON_INTERPRET is read then), so each (backend, device) is resolved once.
+    """
+    key = (backend, device)
+    table = _FAST_KERNELS.get(key, _UNRESOLVED) if type(backend) is str else _UNRESOLVED
+    if table is _UNRESOLVED:
+        chosen = resolve_backend(backend, device)  # raises, naming the backend, if it cannot run here
+        table = None if chosen == "torch" else {name: _kernel_op(chosen, name).default for name in _OPS}
+        _FAST_KERNELS[key] = table
+    return table
+
+
+def _fast_tensors(ref, ref_dtypes, others, out, out_dtype) -> bool:
+    """True when the tensors make the common call: not traced; ``ref`` (x, or d_main for
+    guided_denoise) a plain contiguous non-empty tensor with its dtype in ``ref_dtypes``;
+    ``others`` plain contiguous tensors of ref's shape and device in the four float dtypes; ``out``
+    None, or likewise with ``out_dtype``, touching no operand's memory unless it is the very same
+    view (an in-place step)."""
+    if type(ref) is not torch.Tensor or ref.dtype not in ref_dtypes or not ref.is_contiguous() or _compiling():
+        return False
+    shape, device = ref.shape, ref.device
+    for t in others:
+        if (type(t) is not torch.Tensor or t.dtype not in D_DTYPES or t.shape != shape
+                or t.device != device or not t.is_contiguous()):
+            return False
+    if out is None:
+        return ref.numel() > 0
+    if (type(out) is not torch.Tensor or out.dtype is not out_dtype or out.shape != shape
+            or out.device != device or not out.is_contiguous()):
+        return False
+    # Contiguous tensors occupy one span each: out may coincide with an operand's span (the same
+    # view: same start and dtype) but must not overlap it otherwise.
+    start = out.data_ptr()
+    size = out.nbytes
+    end = start + size
+    for t in (ref, *others):
+        p = t.data_ptr()
+        if p == start:
+            if t.dtype is not out_dtype:
+                return False
+        elif p < end and start < p + t.nbytes:
+            return False
+    return size > 0
+
+
+def _fast_numbers(lower_bounds, *values) -> bool:
+    """True when every value is a plain finite Python number above its lower bound
+    (0: > 0, None: any, "0=": >= 0); anything else goes the checked path."""
+    for v, lower in zip(values, lower_bounds):
+        t = type(v)
+        if t is float:
+            if not math.isfinite(v):
+                return False
+        elif t is not int or not -_EXACT_INT < v < _EXACT_INT:  # huge ints: the checked path says why
+            return False
+        if lower == 0 and not v > 0:
+            return False
+        if lower == "0=" and not v >= 0:
+            return False
+    return True
+
+
+_compiling = torch.compiler.is_compiling
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -281,6 +367,14 @@ def guided_denoise(
     Returns:
         D_w, as a new tensor or in ``out``.
     """
+    if dtype in X_DTYPES and _fast_numbers((None,), guidance) \
+            and _fast_tensors(d_main, D_DTYPES, () if d_guide is None else (d_guide,), out, dtype):
+        kernels = _kernel_table(backend, d_main.device)
+        if kernels is not None:
+            out = torch.empty(d_main.shape, dtype=dtype, device=d_main.device) if out is None else out
+            w = 1.0 if d_guide is None else float(guidance)
+            kernels["guided_denoise"](out, d_main, None if w == 1.0 else d_guide, None, w)
+            return out
     if dtype not in X_DTYPES:
         raise TypeError(f"dtype must be {_dtype_names(X_DTYPES)}, got {dtype}")
     _check_tensor("d_main", d_main, D_DTYPES)
@@ -321,6 +415,15 @@ def euler_step(
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
     """
+    if _fast_numbers(_EULER_BOUNDS, guidance, sigma, sigma_next) \
+            and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
+        kernels = _kernel_table(backend, x.device)
+        if kernels is not None:
+            out = torch.empty_like(x) if out is None else out
+            w = 1.0 if d_guide is None else float(guidance)
+            kernels["euler_step"](out, x, d_main, None if w == 1.0 else d_guide, None, None, None, w,
+                                  float(sigma), float(sigma_next))
+            return out
     _check_inputs("x", x, d_main, d_guide)
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device)
@@ -366,6 +469,16 @@ def heun_step(
     Returns:
         x_next, as a new tensor or in ``out``.
     """
+    if _fast_numbers(_HEUN_BOUNDS, guidance, sigma, sigma_next) and _fast_tensors(
+            x_hat, X_DTYPES, (x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide), out, x_hat.dtype) \
+            and x_euler.dtype is x_hat.dtype:
+        kernels = _kernel_table(backend, x_hat.device)
+        if kernels is not None:
+            out = torch.empty_like(x_hat) if out is None else out
+            w = 1.0 if d_guide is None else float(guidance)
+            kernels["heun_step"](out, x_hat, x_euler, d_main, None if w == 1.0 else d_guide, None, None, None, w,
+                                 float(sigma), float(sigma_next))
+            return out
     _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)])
     batch, device = _batch(x_hat), x_hat.device
     d_guide, g = _guidance(d_guide, guidance, batch, device)
@@ -400,6 +513,14 @@ def guided_score(
     Returns:
         The score, as a new tensor or in ``out``.
     """
+    if _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
+            and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
+        kernels = _kernel_table(backend, x.device)
+        if kernels is not None:
+            out = torch.empty_like(x) if out is None else out
+            w = 1.0 if d_guide is None else float(guidance)
+            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, float(sigma))
+            return out
     _check_inputs("x", x, d_main, d_guide)
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device)
@@ -414,3 +535,72 @@ def _value(param):
     """The (scalar, vector) pair as the reference takes it: the vector if any, else the number."""
     scalar, vec = param
     return scalar if vec is None else vec
+
+
+# --------------------------------------------------------------------------- prepared steps
+
+
+class PreparedSteps:
+    """The Euler and Heun steps of one sampler run, with every check that cannot change within
+    the run done once, here.
+
+    A sampler makes one for its sample ``x`` (its shape, dtype and device) and ``backend``, then
+    calls :meth:`euler` and :meth:`heun` twice per step.  Those take the run's own buffers, noise
+    levels the sampler has checked (t_hat > 0, t_next >= 0, > 0 for Heun) and the networks'
+    outputs checked for dtype, shape and device (the sampler does that per call, as they are new
+    every step); what remains per call is the layout and aliasing of the networks' outputs.  The
+    common step goes straight to the backend's kernel op; any other falls back to the public op,
+    which checks and lays out everything.
+    """
+
+    def __init__(self, x: torch.Tensor, *, backend: str = "auto"):
+        _check_tensor("x", x, X_DTYPES)
+        self.backend = backend
+        # Kernel ops by name; None for the torch backend, or while torch.compile traces (the
+        # public ops are what it traces).
+        self._kernels = None if _compiling() else _kernel_table(backend, x.device)
+
+    def _direct(self, out, operands) -> bool:
+        """The kernel can run on these as they are: contiguous, out overlapping none but as the same view."""
+        if self._kernels is None or not out.is_contiguous():
+            return False
+        start = out.data_ptr()
+        end = start + out.nbytes
+        for t in operands:
+            if t is None:
+                continue
+            if not t.is_contiguous():
+                return False
+            p = t.data_ptr()
+            if p == start:
+                if t.dtype is not out.dtype:
+                    return False
+            elif p < end and start < p + t.nbytes:
+                return False
+        return True
+
+    def euler(self, x_hat, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
+        """``out`` = the Euler step from (x_hat, t_hat) to t_next; ``w``: a number or a per-sample tensor
+        (ignored when d_guide is None)."""
+        if self._direct(out, (x_hat, d_main, d_guide)):
+            g, g_vec = _weight(d_guide, w)
+            self._kernels["euler_step"](out, x_hat, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
+            return out
+        return euler_step(x_hat, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
+
+    def heun(self, x_hat, x_euler, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
+        """``out`` = Heun's correction of the step from (x_hat, t_hat), networks evaluated at (x_euler, t_next)."""
+        if self._direct(out, (x_hat, x_euler, d_main, d_guide)):
+            g, g_vec = _weight(d_guide, w)
+            self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
+            return out
+        return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
+
+
+def _weight(d_guide, w):
+    """(scalar, per-sample tensor or None) of a checked guidance weight, as the kernel ops take it."""
+    if d_guide is None:
+        return 1.0, None
+    if isinstance(w, torch.Tensor):
+        return 1.0, w
+    return float(w), None

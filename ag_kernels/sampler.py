@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .ops import euler_step, heun_step
+from .ops import PreparedSteps
 
 __all__ = ["edm_sampler", "karras_schedule"]
 
@@ -232,6 +232,12 @@ def edm_sampler(
     S_min_t, S_max_t = (torch.tensor(v, dtype=dtype).item() for v in (S_min, S_max))
 
     x_next = noise.to(dtype) * t_steps[0]
+    # Everything that holds for the whole run is decided here, once: the backend's kernel ops, the
+    # noise levels as 0-d tensors for the networks and as floats for the ops, and two buffers
+    # that the steps write into in turn (the step ops then allocate nothing).
+    steps_ops = PreparedSteps(x_next, backend=backend)
+    t_dev = t_steps.unbind(0)
+    buffers = (x_next, torch.empty_like(x_next))
     steps = range(num_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -239,7 +245,7 @@ def edm_sampler(
         steps = tqdm(steps, desc="edm_sampler", unit="step")
     for i in steps:
         x_cur = x_next
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        t_cur, t_next, t_next_host = t_dev[i], t_dev[i + 1], t_host[i + 1]
         if gamma > 0 and S_min_t <= t_host[i] <= S_max_t:
             # Churn (EDM Algorithm 2): raise the noise level to t_hat by adding fresh noise.
             t_hat = t_cur + gamma * t_cur
@@ -248,12 +254,14 @@ def edm_sampler(
         else:
             t_hat, x_hat, t_hat_host = t_cur, x_cur, t_host[i]
 
+        # The step writes into the buffer that x_hat is not (x_cur is no longer needed).
+        x_euler = buffers[1] if x_hat is buffers[0] else buffers[0]
         d_main, d_guide, w = _denoised(net, gnet, weights, x_hat, t_hat_host, t_hat, labels)
-        x_euler = euler_step(x_hat, d_main, d_guide, w, t_hat_host, t_host[i + 1], backend=backend)
+        steps_ops.euler(x_hat, d_main, d_guide, w, t_hat_host, t_next_host, out=x_euler)
         if solver == "euler" or i == num_steps - 1:
             x_next = x_euler  # the last step lands on t_N = 0: Euler only, as the reference
             continue
         # Heun's correction with D_w at (x_euler, t_next), written over x_euler.
-        d_main, d_guide, w = _denoised(net, gnet, weights, x_euler, t_host[i + 1], t_next, labels)
-        x_next = heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat_host, t_host[i + 1], out=x_euler, backend=backend)
+        d_main, d_guide, w = _denoised(net, gnet, weights, x_euler, t_next_host, t_next, labels)
+        x_next = steps_ops.heun(x_hat, x_euler, d_main, d_guide, w, t_hat_host, t_next_host, out=x_euler)
     return x_next

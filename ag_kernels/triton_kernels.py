@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._backends import _fake_step_op
+from ._fake import noop_fake
 
 try:
     import triton
@@ -185,7 +185,7 @@ def _register(name, fn):
         op = torch.library.custom_op(qualname, fn, mutates_args={"out"})
     else:
         op = torch.library.triton_op(qualname, fn, mutates_args={"out"})
-    op.register_fake(_fake_step_op)  # the same no-op fake as the extension's ops
+    op.register_fake(noop_fake)  # the same no-op fake as the extension's ops
     return op
 
 
