@@ -4,8 +4,11 @@
 
 Step ops: median time, GB/s (bytes that must move: each input read once, the output written
 once), the share of the copy bandwidth measured in the same run, and the speed-up over the eager
-formula and over ``torch.compile`` of it.  Sampler: images (or point batches) per second, the
-speed-up over the eager reference loop, and the measured agreement of the two outputs.
+formula and over ``torch.compile`` of it.  Host overhead: per op, size and D dtype, the medians of
+the public op with ``out=``, the raw custom op, the eager formula into buffers and torch.compile
+of it; the public op's budget ``1.5 * raw + 3 us`` and whether it is met.  Sampler: images (or
+point batches) per second, the speed-up over the eager reference loop, and the measured agreement
+of the two outputs.
 """
 
 from __future__ import annotations
@@ -29,14 +32,55 @@ def _opt(value, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
 
+def _opt_time(seconds) -> str:
+    return "-" if seconds is None else _fmt_time(seconds)
+
+
+#: The public op's time budget from the raw op's: ``BUDGET_FACTOR * raw + BUDGET_US``.
+BUDGET_FACTOR, BUDGET_US = 1.5, 3.0
+#: Sizes up to this many elements are held to the budget (larger ones are bandwidth-bound).
+BUDGET_MAX_N = 2**16
+#: From this size on, the fast backend should be at least as fast as torch.compile of the formula.
+COMPILE_MIN_N = 2**16
+
+
+def _host_rows(group: str, rows: list) -> list:
+    """One row per fast backend of a host-overhead group: the four medians, the budget and the ratios."""
+    e0 = rows[0]["extra_info"]
+    medians = {(r["extra_info"]["case"], r["extra_info"].get("backend")): r["stats"]["median"] for r in rows}
+    compile_time = next((r["extra_info"].get("compile_s") for r in rows if r["extra_info"]["case"] == "compile"), None)
+    eager_noalloc, compiled = medians.get(("eager_noalloc", None)), medians.get(("compile", None))
+    out = []
+    for (case, backend), public in medians.items():
+        if case != "public":
+            continue
+        raw_s = medians.get(("raw", backend))
+        budget = BUDGET_FACTOR * raw_s + BUDGET_US * 1e-6 if raw_s is not None else None
+        out.append({
+            "group": group, "device": e0["device"], "op": e0["op"], "n": e0["n"], "d_dtype": e0["d_dtype"],
+            "backend": backend, "public_s": public, "raw_s": raw_s, "eager_noalloc_s": eager_noalloc,
+            "compile_median_s": compiled, "compile_s": compile_time,
+            "overhead_s": public - raw_s if raw_s is not None else None,
+            "budget_s": budget, "budget_met": public <= budget if budget is not None else None,
+            "budget_applies": e0["n"] <= BUDGET_MAX_N,
+            "speedup_vs_eager_noalloc": eager_noalloc / public if eager_noalloc else None,
+            "speedup_vs_compile": compiled / public if compiled else None,
+            "raw_speedup_vs_compile": compiled / raw_s if compiled and raw_s else None,
+        })
+    return out
+
+
 def summarize(raw: dict, **meta) -> dict:
     """The rows of results.json from pytest-benchmark's JSON (``raw``) and run metadata."""
     info = raw.get("machine_info", {}).get("ag_kernels", {})
     groups = OrderedDict()
     for b in raw["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
-    step_rows, sampler_rows = [], []
+    step_rows, sampler_rows, host_rows = [], [], []
     for group, rows in groups.items():
+        if group.startswith("host "):
+            host_rows += _host_rows(group, rows)
+            continue
         medians = {r["extra_info"]["case"]: r["stats"]["median"] for r in rows}
         if group.startswith("sampler"):
             for r in rows:
@@ -65,7 +109,54 @@ def summarize(raw: dict, **meta) -> dict:
                 "speedup_vs_compile": medians["compile"] / median if "compile" in medians and e["case"] != "copy" else None,
                 "compile_s": e.get("compile_s"),
             })
-    return {**info, **meta, "step_ops": step_rows, "sampler": sampler_rows}
+    host_rows.sort(key=lambda r: (r["device"], r["op"], r["backend"], r["d_dtype"] != "float32", r["d_dtype"], r["n"]))
+    return {**info, **meta, "step_ops": step_rows, "host_overhead": host_rows, "sampler": sampler_rows}
+
+
+def _count(rows, test) -> str:
+    return f"{sum(1 for r in rows if test(r))} of {len(rows)}"
+
+
+def _host_markdown(rows: list) -> list:
+    lines = [
+        "## Host overhead",
+        "",
+        "Per call, all cases side by side in one run. `public`: `ag_kernels.<op>(..., out=out, backend=B)`; "
+        "`raw`: B's registered custom op called directly (`torch.ops.ag_kernels.<op>`; `ag_kernels_triton` for "
+        "Triton); `eager_noalloc`: the eager formula into preallocated buffers; `compile`: `torch.compile` of the "
+        f"formula. `overhead` = public - raw; `budget` = {BUDGET_FACTOR} x raw + {BUDGET_US:g} us, held for sizes up to "
+        f"2^{int(math.log2(BUDGET_MAX_N))} (`met?`; larger sizes in parentheses); `x eager_noalloc` and "
+        "`x compile` are public's speed-ups (>= 1: public is faster).",
+        "",
+        "| op | elements | D dtype | backend | public | raw | overhead | eager_noalloc | compile | budget | met? "
+        "| x eager_noalloc | x compile |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        met = _opt(r["budget_met"], "{}").replace("True", "yes").replace("False", "**no**")
+        if not r["budget_applies"]:
+            met = f"({met.strip('*')})"
+        cells = [r["op"], f"2^{int(math.log2(r['n']))}", r["d_dtype"], r["backend"], _fmt_time(r["public_s"]),
+                 *map(_opt_time, (r["raw_s"], r["overhead_s"], r["eager_noalloc_s"], r["compile_median_s"], r["budget_s"])),
+                 met,
+                 _opt(r["speedup_vs_eager_noalloc"], "{:.2f}"), _opt(r["speedup_vs_compile"], "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for backend in sorted({r["backend"] for r in rows}):
+        mine = [r for r in rows if r["backend"] == backend]
+        small = [r for r in mine if r["budget_applies"] and r["budget_met"] is not None]
+        vs_eager = [r for r in mine if r["speedup_vs_eager_noalloc"] is not None]
+        large = [r for r in mine if r["n"] >= COMPILE_MIN_N and r["speedup_vs_compile"] is not None]
+        met = _count(small, lambda r: r["budget_met"])
+        not_slower = _count(vs_eager, lambda r: r["speedup_vs_eager_noalloc"] >= 1)
+        vs_compile = _count(large, lambda r: r["speedup_vs_compile"] >= 1)
+        lines.append(
+            f"- `{backend}`: within budget at {met} configurations up to 2^{int(math.log2(BUDGET_MAX_N))}; "
+            f"not slower than eager_noalloc at {not_slower}; "
+            f"not slower than compile at {vs_compile} from 2^{int(math.log2(COMPILE_MIN_N))} on."
+        )
+    lines.append("")
+    return lines
 
 
 def markdown(summary: dict) -> str:
@@ -96,6 +187,8 @@ def markdown(summary: dict) -> str:
                      _opt(r["speedup_vs_compile"], "{:.2f}"), _opt(r["compile_s"], "{:.1f} s")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if summary.get("host_overhead"):
+        lines += _host_markdown(summary["host_overhead"])
     if summary["sampler"]:
         lines += [
             "## Whole sampler",
@@ -119,7 +212,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path) -> Path:
-    """GB/s against size for each op and D dtype, and the sampler speed-ups, in one PNG."""
+    """GB/s against size for each op and D dtype, host-overhead times, and the sampler speed-ups, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -128,7 +221,11 @@ def plot(summary: dict, path) -> Path:
     panels = OrderedDict()
     for r in summary["step_ops"]:
         panels.setdefault((r["op"], r["d_dtype"]), []).append(r)
-    ncols = len(panels) + (1 if summary["sampler"] else 0)
+    host_panels = OrderedDict()
+    for r in summary.get("host_overhead", []):
+        if r["d_dtype"] == "float32":
+            host_panels.setdefault((r["op"], r["backend"]), []).append(r)
+    ncols = len(panels) + len(host_panels) + (1 if summary["sampler"] else 0)
     fig, axes = plt.subplots(1, max(ncols, 1), figsize=(4.2 * max(ncols, 1), 3.8), squeeze=False)
     axes = list(axes[0])
     for ax, ((op, dtype), rows) in zip(axes, panels.items()):
@@ -145,8 +242,21 @@ def plot(summary: dict, path) -> Path:
         ax.set_title(f"{op}, D {dtype}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    for ax, ((op, backend), rows) in zip(axes[len(panels):], host_panels.items()):
+        rows = sorted(rows, key=lambda r: r["n"])
+        for key, label, style in (("public_s", "public", "-"), ("raw_s", "raw", "-"), ("eager_noalloc_s", "eager_noalloc", "-"),
+                                  ("compile_median_s", "compile", "-"), ("budget_s", "budget", "--")):
+            pts = [(r["n"], r[key] * 1e6) for r in rows if r[key] is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("elements")
+        ax.set_ylabel("us per call")
+        ax.set_title(f"host overhead: {op} ({backend}), D float32", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if summary["sampler"]:
-        ax = axes[len(panels)]
+        ax = axes[len(panels) + len(host_panels)]
         rows = [r for r in summary["sampler"] if r["case"] != "eager" and r["speedup_vs_eager"] is not None]
         labels = [f"{r['pair']} b{r['batch']}" for r in rows]
         ax.bar(range(len(rows)), [r["speedup_vs_eager"] for r in rows], color="tab:green")

@@ -29,9 +29,12 @@ REPO = BENCH.parent
 SMOKE_ENV = {
     "AG_BENCH_NUMEL": "4099",
     "AG_BENCH_STEPS": "8",  # fewer steps cancel to ~1e-5 in float32 for any implementation (see README)
+    "AG_BENCH_HOST_NUMEL": "64,4099",
     "AG_BENCH_TOY_BATCHES": "3",
+    "AG_BENCH_CHEAP_BATCHES": "2",
     "AG_BENCH_UNET_BATCHES": "2",
     "AG_BENCH_UNET": "cpu-xs,cpu-xs",
+    "AG_BENCH_SAMPLER_SECONDS": "0",  # the minimum number of rounds
 }
 SMOKE_ARGS = ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]
 
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
         raw, out_dir, profile=env["AG_BENCH_PROFILE"], minutes=round(minutes, 1),
         command="python -m bench" + (" --smoke" if args.smoke else "") + (" -- " + " ".join(extra) if extra else ""),
     )
-    print(f"bench: {len(summary['step_ops'])} step-op rows, {len(summary['sampler'])} sampler rows in "
+    print(f"bench: {len(summary['step_ops'])} step-op rows, {len(summary['host_overhead'])} host-overhead rows, "
+          f"{len(summary['sampler'])} sampler rows in "
           f"{minutes:.1f} min -> {out_dir / 'results.md'}, results.json, results.png")
     return 0
 

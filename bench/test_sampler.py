@@ -5,25 +5,36 @@ op, network outputs cast to float32, ``lerp`` blend).  Both run 32 Heun steps wi
 from the same noise; "ag_kernels" runs right after "eager" in one session, and its case measures
 how far the two outputs are apart (max |a - b| / max |b|) and records it in ``extra_info``.
 
-Agreement within 1e-5 is asserted where it can hold: for float32 networks.  The toy pair is
-float32.  The UNet pair samples under bf16 autocast, where a last-bit difference of x between two
-samplers (their float32 roundings differ) can flip a bf16 rounding inside the network and the
-trajectories then part by ~1e-3 (measured; it varies run to run); so its bf16 figure is recorded,
-not asserted, and the same networks, noise and labels are sampled once more with autocast off by
-both samplers, which must agree within 1e-5 (``max_rel_diff_vs_eager_fp32``).
+Agreement within 1e-5 is asserted where it can hold: for float32 networks.  The toy and cheap
+pairs are float32.  The UNet pair samples under bf16 autocast, where a last-bit difference of x
+between two samplers (their float32 roundings differ) can flip a bf16 rounding inside the network
+and the trajectories then part by ~1e-3 (measured; it varies run to run); so its bf16 figure is
+recorded, not asserted, and the same networks, noise and labels are sampled once more with
+autocast off by both samplers, which must agree within 1e-5 (``max_rel_diff_vs_eager_fp32``).
 
 Network pairs:
-* "toy": the shipped 2-D toy models (main 4x64 guided by guide 4x32), batches of 2-D points;
+* "toy": the shipped 2-D toy models (main 4x64 guided by guide 4x32), batches of 2-D points
+  (1 and 4096); at batch 1 nearly all the time is per-call host work;
+* "cheap": bench/cheap.py's exact denoisers of per-channel Gaussian data (a per-channel affine
+  map, one pass over x), main and guide with different statistics, on 64x4x64x64 latents (batch
+  64, 1M elements a tensor): the networks cost far less than the sampler's step arithmetic;
 * "unet": bench/unet.py's UNet pair under bf16 autocast, main "s" (~263M parameters) guided by
   "xs" (~117M), 64x64x4 latents, batches 1, 8 and 64 on a GPU.  On a CPU the pair is shrunk to
   "cpu-s" guided by "cpu-xs" (16x16x4 latents, 1.3M and 0.36M parameters), batches 1 and 8, so
   the whole suite finishes in minutes; those figures say nothing about GPU speed.
 
+Rounds: as many as fit in about AG_BENCH_SAMPLER_SECONDS (default 2) per case, judged from a
+timed second warm-up call, between 3 (5 on a GPU) and 200: the millisecond toy cases get many
+rounds, the slow ones the minimum.  AG_BENCH_SAMPLER_SECONDS=0: one warm-up, the minimum.
+
 Environment overrides (for the CI smoke run): AG_BENCH_STEPS, AG_BENCH_TOY_BATCHES,
-AG_BENCH_UNET_BATCHES, AG_BENCH_UNET ("main,guide" size names).
+AG_BENCH_CHEAP_BATCHES, AG_BENCH_UNET_BATCHES, AG_BENCH_UNET ("main,guide" size names),
+AG_BENCH_SAMPLER_SECONDS.
 """
 
+import math
 import os
+import time
 
 import pytest
 import torch
@@ -43,9 +54,17 @@ def _ints(name, default):
     return [int(v) for v in os.environ.get(name, default).split(",")]
 
 
-TOY_BATCHES = _ints("AG_BENCH_TOY_BATCHES", "1,64,8192")
+TOY_BATCHES = _ints("AG_BENCH_TOY_BATCHES", "1,4096")
+CHEAP_BATCHES = _ints("AG_BENCH_CHEAP_BATCHES", "64")
 UNET_BATCHES = _ints("AG_BENCH_UNET_BATCHES", "1,8,64" if DEVICE == "cuda" else "1,8")
 UNET_SIZES = tuple(os.environ.get("AG_BENCH_UNET", "s,xs" if DEVICE == "cuda" else "cpu-s,cpu-xs").split(","))
+SAMPLER_SECONDS = float(os.environ.get("AG_BENCH_SAMPLER_SECONDS", "2"))
+MIN_ROUNDS, MAX_ROUNDS = (5 if DEVICE == "cuda" else 3), 200
+NETS = {
+    "toy": "toy main 4x64 / guide 4x32",
+    "cheap": "cheap per-channel Gaussian denoisers, 4x64x64 float32",
+    "unet": "unet %s / %s bf16 autocast" % UNET_SIZES,
+}
 
 _NETS = {}
 _OUTPUTS = {}
@@ -59,6 +78,10 @@ def _nets(pair):
 
             models = load_models(device=DEVICE)
             _NETS[pair] = (models["main"], models["guide"])
+        elif pair == "cheap":
+            from bench.cheap import make_pair
+
+            _NETS[pair] = make_pair(device=DEVICE)
         else:
             from bench.unet import make_pair
 
@@ -72,13 +95,15 @@ def _inputs(pair, batch, net):
         return torch.randn(batch, 2, generator=gen).to(DEVICE), None
     shape = (batch, net.img_channels, net.img_resolution, net.img_resolution)
     noise = torch.randn(shape, generator=gen).to(DEVICE)
+    if not net.label_dim:
+        return noise, None
     labels = torch.eye(net.label_dim, device=DEVICE)[torch.randint(net.label_dim, (batch,), generator=gen).to(DEVICE)]
     return noise, labels
 
 
 def _params():
     out = []
-    for pair, batches in (("toy", TOY_BATCHES), ("unet", UNET_BATCHES)):
+    for pair, batches in (("toy", TOY_BATCHES), ("cheap", CHEAP_BATCHES), ("unet", UNET_BATCHES)):
         for batch in batches:
             for case in ("eager", "ag_kernels"):
                 out.append(pytest.param(pair, batch, case, id=f"{DEVICE}-{pair}-b{batch}-{case}"))
@@ -104,10 +129,14 @@ def test_sampler(benchmark, pair, batch, case):
         return out
 
     benchmark.group = f"sampler {DEVICE} {pair} batch={batch}"
-    rounds = 5 if DEVICE == "cuda" else 3
-    out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    benchmark.extra_info.update(case=case, device=DEVICE, pair=pair, batch=batch, steps=STEPS, guidance=W,
-                                nets="toy main 4x64 / guide 4x32" if pair == "toy" else "unet %s / %s bf16 autocast" % UNET_SIZES)
+    timed()  # warm-up
+    rounds = MIN_ROUNDS
+    if SAMPLER_SECONDS > 0:
+        start = time.perf_counter()
+        timed()  # a second warm-up, timed: how many rounds fit
+        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(SAMPLER_SECONDS / (time.perf_counter() - start))))
+    out = benchmark.pedantic(timed, rounds=rounds, iterations=1)
+    benchmark.extra_info.update(case=case, device=DEVICE, pair=pair, batch=batch, steps=STEPS, guidance=W, nets=NETS[pair])
     key = (pair, batch)
     if case == "eager":
         _OUTPUTS[key] = out
@@ -117,7 +146,7 @@ def test_sampler(benchmark, pair, batch, case):
         pytest.skip("the eager case of this configuration did not run first (select both cases)")
     rel = _rel(out, ref)
     benchmark.extra_info["max_rel_diff_vs_eager"] = rel
-    if pair == "toy":
+    if pair != "unet":
         assert rel <= TOL, f"ag_kernels.edm_sampler differs from the eager loop by {rel:.2e} (> {TOL:.0e})"
         return
     for wrapper in (net, gnet):

@@ -1,0 +1,173 @@
+"""Shared pieces of the step-op benchmarks (test_step_ops.py, test_host_overhead.py).
+
+One place for the test tensors, the timed call, the eager formula into preallocated buffers and
+``torch.compile`` of the formula, so both files time exactly the same cases.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+
+import ag_kernels
+from ag_kernels import reference
+from ag_kernels._backends import _unavailable_reason
+
+W, T_CUR, T_NEXT = 2.1, 1.25, 0.9
+D_DTYPES = (torch.float32, torch.bfloat16)
+
+# The run's device (CUDA when present, as bench/results/<device-slug> is named after it);
+# AG_BENCH_DEVICES="cpu,cuda" measures both.
+DEVICES = os.environ.get("AG_BENCH_DEVICES", "cuda" if torch.cuda.is_available() else "cpu").split(",")
+
+
+def sizes(env: str, device: str, cpu: list, gpu: list) -> list:
+    """Element counts: ``env`` ("n1,n2,...") if set, else the device's default list."""
+    if env in os.environ:
+        return [int(v) for v in os.environ[env].split(",")]
+    return cpu if device == "cpu" else gpu
+
+
+def fast_backends(device):
+    names = []
+    for b in ("ext", "triton"):
+        if device == "cpu" and b == "triton":
+            continue  # the Triton interpreter is for checking only
+        if _unavailable_reason(b, torch.device(device)) is None:
+            names.append(b)
+    return names
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def params(configs, cases):
+    """pytest params (device, n, d_dtype, case) for every configuration and each of ``cases(device, n)``."""
+    return [
+        pytest.param(dev, n, d, case, id=f"{dev}-{n}-{dtype_name(d)}-{case}")
+        for dev, n, d in configs
+        for case in cases(dev, n)
+    ]
+
+
+_DATA = {}
+
+
+def data(device, n, d_dtype):
+    key = (device, n, d_dtype)
+    if key not in _DATA:
+        _DATA.clear()  # one configuration in memory at a time
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, generator=gen, device=device)
+        d_main = (0.9 * x).to(d_dtype)
+        d_guide = (0.8 * x).to(d_dtype)
+        x_euler = 0.7 * x
+        _DATA[key] = dict(
+            x=x, x_euler=x_euler, d_main=d_main, d_guide=d_guide, out=torch.empty_like(x),
+            b1=torch.empty_like(x), b2=torch.empty_like(x),
+        )
+    return _DATA[key]
+
+
+def setup(benchmark, prefix, op, device, n, d_dtype):
+    """The tensors of one configuration; sets the benchmark group (``prefix`` + op, device, n, dtype)."""
+    dname = dtype_name(d_dtype)
+    benchmark.group = f"{prefix}{op} {device} n={n} d={dname}"
+    benchmark.extra_info.update(op=op, n=n, d_dtype=dname)
+    return data(device, n, d_dtype)
+
+
+def step_bytes(op, t):
+    """Bytes a step must move: each input read once, the output written once."""
+    inputs = [t["x"], t["d_main"], t["d_guide"]] + ([t["x_euler"]] if op == "heun_step" else [])
+    out = t["out"]
+    return sum(v.numel() * v.element_size() for v in inputs) + out.numel() * out.element_size()
+
+
+def run(benchmark, device, fn, nbytes, **info):
+    """Time ``fn`` with pytest-benchmark (calibrated rounds and iterations), after a few warm-up calls."""
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        timed = fn  # no wrapper: it would add to microsecond calls
+
+    start = time.perf_counter()
+    timed()
+    if info.get("case") == "compile":
+        info["compile_s"] = time.perf_counter() - start  # the first call compiles
+    for _ in range(2):  # warm-up: Triton compilation, allocator, page faults of fresh outputs
+        timed()
+    benchmark.extra_info.update(bytes=nbytes, device=device, **info)
+    benchmark(timed)
+
+
+# One compiled function per (op, size, dtype), specialized to its static shapes: raise dynamo's
+# recompilation limit so none of them silently falls back to eager.
+for _name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 1024)
+
+
+def eager_fn(op, t):
+    """The formula as an eager sampler writes it: cast, lerp, subtract, divide, multiply, add."""
+    return _formula_call(op, t, reference.torch_euler_step if op == "euler_step" else reference.torch_heun_step)
+
+
+def compiled_fn(op, t):
+    """``torch.compile`` (inductor, static shapes) of the eager formula; its first call compiles."""
+    formula = reference.torch_euler_step if op == "euler_step" else reference.torch_heun_step
+    # A fresh wrapper per configuration, so every compile is timed from scratch.
+    return _formula_call(op, t, torch.compile(lambda *args: formula(*args), dynamic=False, fullgraph=True))
+
+
+def _formula_call(op, t, formula):
+    x, x_euler, d_main, d_guide = t["x"], t["x_euler"], t["d_main"], t["d_guide"]
+    if op == "euler_step":
+        return lambda: formula(x, d_main, d_guide, W, T_CUR, T_NEXT)
+    return lambda: formula(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT)
+
+
+def public_fn(op, t, backend, out):
+    """The public op ``ag_kernels.<op>(..., out=out, backend=backend)`` (``out=None``: a new tensor)."""
+    x, x_euler, d_main, d_guide = t["x"], t["x_euler"], t["d_main"], t["d_guide"]
+    if op == "euler_step":
+        return lambda: ag_kernels.euler_step(x, d_main, d_guide, W, T_CUR, T_NEXT, out=out, backend=backend)
+    return lambda: ag_kernels.heun_step(x, x_euler, d_main, d_guide, W, T_CUR, T_NEXT, out=out, backend=backend)
+
+
+def raw_fn(op, t, backend):
+    """The backend's registered custom op called directly (schemas in csrc/ag_kernels.cpp): no checks, no dispatch."""
+    if backend == "triton":
+        from ag_kernels import triton_kernels  # noqa: F401  (registers torch.ops.ag_kernels_triton.*)
+
+        kernel = getattr(torch.ops.ag_kernels_triton, op)
+    else:
+        kernel = getattr(torch.ops.ag_kernels, op)
+    x, x_euler, d_main, d_guide, out = t["x"], t["x_euler"], t["d_main"], t["d_guide"], t["out"]
+    if op == "euler_step":
+        return lambda: kernel(out, x, d_main, d_guide, None, None, None, W, T_CUR, T_NEXT)
+    return lambda: kernel(out, x, x_euler, d_main, d_guide, None, None, None, W, T_CUR, T_NEXT)
+
+
+def eager_noalloc_fn(op, t):
+    """The same eager op sequence into preallocated buffers: what fusion saves, allocator aside."""
+    x, x_euler, d_main, d_guide, out, b1, b2 = (t[k] for k in ("x", "x_euler", "d_main", "d_guide", "out", "b1", "b2"))
+    cast = d_main.dtype != x.dtype
+
+    def fn():
+        D_0 = b1.copy_(d_guide) if cast else d_guide
+        D_1 = b2.copy_(d_main) if cast else d_main
+        D_w = torch.lerp(D_0, D_1, W, out=b1)
+        if op == "euler_step":
+            d_cur = torch.sub(x, D_w, out=b1).div_(T_CUR)
+            torch.add(x, d_cur.mul_(T_NEXT - T_CUR), out=out)
+        else:
+            d_prime = torch.sub(x_euler, D_w, out=b1).div_(T_NEXT)
+            half_euler = torch.sub(x_euler, x, out=b2).mul_(0.5).add_(x)
+            torch.add(half_euler, d_prime.mul_(0.5 * (T_NEXT - T_CUR)), out=out)
+
+    return fn
