@@ -57,6 +57,35 @@ def test_denoiser_is_tweedie_of_log_prob(gen):
     assert (D - x).abs().max() > 1e-3  # the learned term contributes: the check above is not vacuous
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=str)
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_sampling_path_matches_autograd(dtype, tol, layers, gen):
+    """Without grad mode, forward runs a hand-written backward pass: it must equal autograd's D,
+    also after the weights change in place (its cached normalized weights are refreshed)."""
+    model = ToyDenoiser(hidden=24, layers=layers, seed=int(torch.randint(1000, (), generator=gen))).eval()
+    x = (2 * torch.randn(37, 2, generator=gen, dtype=torch.float64)).to(dtype)
+    sigma = torch.exp(2 * torch.randn(37, generator=gen, dtype=torch.float64)).to(dtype)
+    for gain in (0.7, -1.3):
+        with torch.no_grad():
+            model.gain.fill_(gain)
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))  # in place: versions move
+            fast = model(x, sigma)
+            fast_scalar = model(x, sigma[0])
+        exact = model(x, sigma)  # grad mode on: the autograd path
+        assert fast.dtype == dtype and fast.shape == x.shape
+        scale = (exact - x).abs().max()
+        assert (fast - exact).abs().max() <= tol * scale, (fast - exact).abs().max() / scale
+        assert torch.allclose(fast_scalar, model(x, sigma[0]), rtol=0, atol=tol * float(scale))
+    # A state dict loaded into it (as checkpoint loading does) is used, not the cached weights.
+    other = ToyDenoiser(hidden=24, layers=layers, seed=999)
+    with torch.no_grad():
+        other.gain.fill_(0.5)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(x, sigma), other(x, sigma), rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
 def test_short_training_lowers_the_loss(gen):
     model = ToyDenoiser(hidden=16, layers=3, seed=int(torch.randint(1000, (), generator=gen)))
     losses = []

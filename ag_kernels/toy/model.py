@@ -46,11 +46,19 @@ class _MPLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features, generator=generator, dtype=torch.float64))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype)
+    def normalized(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.weight.to(dtype)
         # Unit-norm rows keep the output magnitude equal to the input's (unit-variance inputs stay so).
-        w = w / (w.norm(dim=1, keepdim=True) + 1e-4)
-        return x @ w.t()
+        return w / (w.norm(dim=1, keepdim=True) + 1e-4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.normalized(x.dtype).t()
+
+
+def _mp_silu_grad(x: torch.Tensor) -> torch.Tensor:
+    # d/dx silu(x) / 0.596 = sigmoid(x) (1 + x (1 - sigmoid(x))) / 0.596.
+    sig = torch.sigmoid(x)
+    return sig * (1 + x * (1 - sig)) / 0.596
 
 
 @register_arch("toy_mlp")
@@ -109,6 +117,8 @@ class ToyDenoiser(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [N, {self.dim}], got {tuple(x.shape)}")
         s = self._sigma(x, sigma)
+        if not torch.is_grad_enabled():
+            return self._sample_forward(x, s)
         # The gradient w.r.t. x is needed even under no_grad (sampling); in training it stays in the
         # graph (create_graph) so the loss on D reaches the weights.
         with torch.enable_grad():
@@ -117,6 +127,56 @@ class ToyDenoiser(nn.Module):
             (grad,) = torch.autograd.grad(logp.sum(), xg, create_graph=self.training)
         return x + s**2 * grad
 
+
+    def _weights(self, dtype: torch.dtype):
+        """What :meth:`_sample_forward` multiplies by, in ``dtype``, kept until a parameter changes
+        (its version moves): the normalized weights, transposed, with the hidden layers' constants
+        (1/0.596 of the scaled SiLU, 1/sqrt(2) of the residual sum) folded in."""
+        # Read through the parameter dicts: nn.Module attribute lookups cost more than the rest.
+        layers = [self._modules["inp"], *self._modules["hidden"]._modules.values(), self._modules["out"]]
+        params = [layer._parameters["weight"] for layer in layers] + [self._parameters["gain"]]
+        key = (dtype, tuple((id(p), p.data_ptr(), p._version) for p in params))
+        cache = self.__dict__.get("_weight_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                scale = 1 / (0.596 * math.sqrt(2))
+                w_in = self.inp.normalized(dtype)
+                hidden = [layer.normalized(dtype) * scale for layer in self.hidden]
+                w_out = self.out.normalized(dtype)[0] * (self.gain.to(dtype) / 0.596)
+                cache = (key, (w_in.t().contiguous(), w_in[:, : self.dim].contiguous(),
+                               [w.t().contiguous() for w in hidden], hidden, w_out))
+            self.__dict__["_weight_cache"] = cache
+        return cache[1]
+
+    def _sample_forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma) with grad log p formed by a hand-written backward pass through the MLP.
+
+        Sampling needs no graph: this is the function of the autograd path of :meth:`forward`
+        (tested to agree), at a fraction of its cost for small batches, where autograd's per-op
+        bookkeeping and the per-call weight normalization dominate.  Per residual stage,
+        h' = (h + mp_silu(h) W^T) / sqrt(2), and mp_silu'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))) / 0.596.
+        """
+        w_in_t, w_in_u, hidden_t, hidden, w_out = self._weights(x.dtype)
+        r2 = 1 / math.sqrt(2)
+        var = s**2 + SIGMA_DATA**2
+        c_in = var.rsqrt()
+        c_noise = s.log() / 4
+        h = torch.cat([x * c_in, c_noise, torch.ones_like(c_noise)], dim=1) @ w_in_t
+        # Forward pass, keeping each stage's SiLU derivative (without its 1/0.596, folded into W).
+        slopes = []
+        for w_t in hidden_t:
+            z = torch.sigmoid(h)
+            silu = h * z
+            slopes.append(silu.mul(1 - z).add_(z))  # z (1 + h (1 - z))
+            h = torch.addmm(h, silu, w_t, beta=r2)
+        # Backward pass of F = gain * out(mp_silu(h)) down to the input u = c_in x.
+        z = torch.sigmoid(h)
+        g = (h * z).mul_(1 - z).add_(z).mul_(w_out)
+        for w, slope in zip(reversed(hidden), reversed(slopes)):
+            g = torch.addcmul(g, g @ w, slope, value=1 / r2).mul_(r2)
+        # grad_x log p = -x / var + (sigma_data / sigma) c_in grad_u F.
+        grad = torch.addcmul(-x / var, (SIGMA_DATA / s) * c_in, g @ w_in_u)
+        return torch.addcmul(x, s**2, grad)
 
 def train(
     model: ToyDenoiser,
