@@ -53,7 +53,9 @@ def extension_modules():
         use_cuda, why = True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
     _say(f"CUDA part {'built' if use_cuda else 'skipped'}: {why}")
     # The C++ standard is left to torch.utils.cpp_extension, which passes the one its headers need.
-    args = {"cxx": ["-O3", "-Wno-psabi"]}  # -Wno-psabi: GCC notes on passing SIMD vectors by value
+    # -Wno-psabi: GCC notes on passing SIMD vectors by value.  -ffp-contract=off: the CPU kernel's
+    # AVX2/AVX-512 variants must not fuse a*b+c into an FMA, so that every variant rounds the same.
+    args = {"cxx": ["-O3", "-Wno-psabi", "-ffp-contract=off"]}
     link = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         # at::parallel_for is an OpenMP loop compiled into our code: without -fopenmp it runs on
