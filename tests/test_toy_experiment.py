@@ -108,7 +108,9 @@ def test_scores_of_exact_samples_and_of_a_collapsed_cloud(gen):
     trunk = dist.means[dist.weights.argmax()]
     collapsed = trunk + 0.01 * torch.randn(4096, 2, generator=gen, dtype=torch.float64)
     m = ex.score_samples(collapsed, ref, threshold=threshold)
-    assert m["precision"] > 0.9 and m["recall"] < 0.2 and m["outlier_frac"] < 0.01, m
+    # Precision here is heavy-tailed over seeds (the tiny cloud can straddle the edge of the
+    # reference points' k-NN balls): 0.71-1.0 over 121 seeds, median 0.99; recall stays below 0.02.
+    assert m["precision"] > 0.6 and m["recall"] < 0.2 and m["outlier_frac"] < 0.01, m
     assert m["mean_logp"] > exact["mean_logp"]
 
 
