@@ -185,6 +185,7 @@ def _in_layout(t: Optional[torch.Tensor], strides) -> Optional[torch.Tensor]:
 # other call, including every bad one, takes the checked path below, which raises the errors.
 
 _EXACT_INT = 2**53
+_INF = math.inf
 # Lower bounds of (guidance, sigma, sigma_next) per op, as _fast_numbers reads them.
 _EULER_BOUNDS = (None, 0, "0=")
 _HEUN_BOUNDS = (None, 0, 0)
@@ -203,9 +204,25 @@ def _kernel_table(backend, device: torch.device) -> Optional[Dict[str, object]]:
     table = _FAST_KERNELS.get(key, _UNRESOLVED) if type(backend) is str else _UNRESOLVED
     if table is _UNRESOLVED:
         chosen = resolve_backend(backend, device)  # raises, naming the backend, if it cannot run here
-        table = None if chosen == "torch" else {name: _kernel_op(chosen, name).default for name in _OPS}
+        table = None if chosen == "torch" else {name: _bound(_kernel_op(chosen, name).default) for name in _OPS}
         _FAST_KERNELS[key] = table
     return table
+
+
+def _bound(overload):
+    """The callable behind an OpOverload (its __call__ only forwards to it: one Python frame less per call)."""
+    op = getattr(overload, "_op", None)
+    return op if callable(op) else overload
+
+
+def _fast_floats(guidance, sigma, sigma_next, next_positive: bool) -> bool:
+    """True when guidance, sigma and sigma_next are finite Python floats with sigma > 0 and
+    sigma_next > 0 (``next_positive``) or >= 0; ints and other numbers go through _fast_numbers."""
+    if type(guidance) is float and type(sigma) is float and type(sigma_next) is float:
+        # Chained comparisons are False for NaN, so these also reject it.
+        return (-_INF < guidance < _INF and 0.0 < sigma < _INF and sigma_next < _INF
+                and (sigma_next > 0.0 if next_positive else sigma_next >= 0.0))
+    return _fast_numbers(_HEUN_BOUNDS if next_positive else _EULER_BOUNDS, guidance, sigma, sigma_next)
 
 
 def _fast_tensors(ref, ref_dtypes, others, out, out_dtype) -> bool:
@@ -415,14 +432,14 @@ def euler_step(
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
     """
-    if _fast_numbers(_EULER_BOUNDS, guidance, sigma, sigma_next) \
+    if _fast_floats(guidance, sigma, sigma_next, False) \
             and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
-            kernels["euler_step"](out, x, d_main, None if w == 1.0 else d_guide, None, None, None, w,
-                                  float(sigma), float(sigma_next))
+            kernels["euler_step"](out, x, d_main, None if w == 1.0 else d_guide, None, None, None, w, sigma,
+                                  sigma_next)
             return out
     _check_inputs("x", x, d_main, d_guide)
     batch, device = _batch(x), x.device
@@ -469,7 +486,7 @@ def heun_step(
     Returns:
         x_next, as a new tensor or in ``out``.
     """
-    if _fast_numbers(_HEUN_BOUNDS, guidance, sigma, sigma_next) and _fast_tensors(
+    if _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
             x_hat, X_DTYPES, (x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide), out, x_hat.dtype) \
             and x_euler.dtype is x_hat.dtype:
         kernels = _kernel_table(backend, x_hat.device)
@@ -477,7 +494,7 @@ def heun_step(
             out = torch.empty_like(x_hat) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
             kernels["heun_step"](out, x_hat, x_euler, d_main, None if w == 1.0 else d_guide, None, None, None, w,
-                                 float(sigma), float(sigma_next))
+                                 sigma, sigma_next)
             return out
     _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)])
     batch, device = _batch(x_hat), x_hat.device
@@ -519,7 +536,7 @@ def guided_score(
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
-            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, float(sigma))
+            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, sigma)
             return out
     _check_inputs("x", x, d_main, d_guide)
     batch, device = _batch(x), x.device

@@ -48,10 +48,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         triton_version = triton.__version__
     except Exception:  # pragma: no cover
         triton_version = None
+    try:  # which instruction-set build of the ext CPU kernels ran (default/avx2/avx512)
+        from ag_kernels import _C
+
+        cpu_isa = _C._cpu_isa()
+    except Exception:  # pragma: no cover - extension missing
+        cpu_isa = None
     machine_info["ag_kernels"] = {
         "torch": torch.__version__,
         "triton": triton_version,
         "cpu": device_name("cpu"),
+        "cpu_isa": cpu_isa,
         "cuda": device_name("cuda") if torch.cuda.is_available() else None,
         "device": device_name(main_device()),
         "device_slug": device_slug(main_device()),

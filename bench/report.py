@@ -163,7 +163,8 @@ def markdown(summary: dict) -> str:
     lines = [
         f"# ag_kernels benchmarks: {summary.get('device')}",
         "",
-        f"torch {summary.get('torch')}, triton {summary.get('triton')}, {summary.get('date')}; "
+        f"torch {summary.get('torch')}, triton {summary.get('triton')}, ext CPU kernels {summary.get('cpu_isa') or '-'}, "
+        f"{summary.get('date')}; "
         f"profile {summary.get('profile')}; command `{summary.get('command')}`",
         "",
         "Medians of pytest-benchmark rounds; every case of a group ran side by side in one run on the same tensors.",
