@@ -14,10 +14,11 @@ autocast off by both samplers, which must agree within 1e-5 (``max_rel_diff_vs_e
 
 Network pairs:
 * "toy": the shipped 2-D toy models (main 4x64 guided by guide 4x32), batches of 2-D points
-  (1 and 4096); at batch 1 nearly all the time is per-call host work;
+  (1 and 4096); at batch 1 most of the time is the networks' per-op host work;
 * "cheap": bench/cheap.py's exact denoisers of per-channel Gaussian data (a per-channel affine
-  map, one pass over x), main and guide with different statistics, on 64x4x64x64 latents (batch
-  64, 1M elements a tensor): the networks cost far less than the sampler's step arithmetic;
+  map, one pass over x), main and guide with different statistics, on 4x64x64 latents: at batch 64
+  (1M elements a tensor) the networks cost far less than the sampler's step arithmetic; at batch
+  1 (16K elements) both are small and the per-step host work shows;
 * "unet": bench/unet.py's UNet pair under bf16 autocast, main "s" (~263M parameters) guided by
   "xs" (~117M), 64x64x4 latents, batches 1, 8 and 64 on a GPU.  On a CPU the pair is shrunk to
   "cpu-s" guided by "cpu-xs" (16x16x4 latents, 1.3M and 0.36M parameters), batches 1 and 8, so
@@ -55,7 +56,7 @@ def _ints(name, default):
 
 
 TOY_BATCHES = _ints("AG_BENCH_TOY_BATCHES", "1,4096")
-CHEAP_BATCHES = _ints("AG_BENCH_CHEAP_BATCHES", "64")
+CHEAP_BATCHES = _ints("AG_BENCH_CHEAP_BATCHES", "1,64")
 UNET_BATCHES = _ints("AG_BENCH_UNET_BATCHES", "1,8,64" if DEVICE == "cuda" else "1,8")
 UNET_SIZES = tuple(os.environ.get("AG_BENCH_UNET", "s,xs" if DEVICE == "cuda" else "cpu-s,cpu-xs").split(","))
 SAMPLER_SECONDS = float(os.environ.get("AG_BENCH_SAMPLER_SECONDS", "2"))
