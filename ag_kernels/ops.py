@@ -37,12 +37,11 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import reference
-from ._backends import available_backends, resolve_backend
+from ._backends import EXT_OPS, available_backends, resolve_backend
 
 __all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "PreparedSteps"]
 
 X_DTYPES = (torch.float32, torch.float64)
-_OPS = ("guided_denoise", "euler_step", "heun_step", "guided_score")
 D_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -204,7 +203,7 @@ def _kernel_table(backend, device: torch.device) -> Optional[Dict[str, object]]:
     table = _FAST_KERNELS.get(key, _UNRESOLVED) if type(backend) is str else _UNRESOLVED
     if table is _UNRESOLVED:
         chosen = resolve_backend(backend, device)  # raises, naming the backend, if it cannot run here
-        table = None if chosen == "torch" else {name: _bound(_kernel_op(chosen, name).default) for name in _OPS}
+        table = None if chosen == "torch" else {name: _bound(_kernel_op(chosen, name).default) for name in EXT_OPS}
         _FAST_KERNELS[key] = table
     return table
 
@@ -243,19 +242,24 @@ def _fast_tensors(ref, ref_dtypes, others, out, out_dtype) -> bool:
     if (type(out) is not torch.Tensor or out.dtype is not out_dtype or out.shape != shape
             or out.device != device or not out.is_contiguous()):
         return False
-    # Contiguous tensors occupy one span each: out may coincide with an operand's span (the same
-    # view: same start and dtype) but must not overlap it otherwise.
+    return out.nbytes > 0 and _spans_apart(out, (ref, *others))
+
+
+def _spans_apart(out, operands) -> bool:
+    """For contiguous tensors, which occupy one span of memory each: True when ``out`` overlaps no
+    operand (None: absent) unless it coincides with it (the same view: same start and dtype)."""
     start = out.data_ptr()
-    size = out.nbytes
-    end = start + size
-    for t in (ref, *others):
+    end = start + out.nbytes
+    for t in operands:
+        if t is None:
+            continue
         p = t.data_ptr()
         if p == start:
-            if t.dtype is not out_dtype:
+            if t.dtype is not out.dtype:
                 return False
         elif p < end and start < p + t.nbytes:
             return False
-    return size > 0
+    return True
 
 
 def _fast_numbers(lower_bounds, *values) -> bool:
@@ -581,20 +585,10 @@ class PreparedSteps:
         """The kernel can run on these as they are: contiguous, out overlapping none but as the same view."""
         if self._kernels is None or not out.is_contiguous():
             return False
-        start = out.data_ptr()
-        end = start + out.nbytes
         for t in operands:
-            if t is None:
-                continue
-            if not t.is_contiguous():
+            if t is not None and not t.is_contiguous():
                 return False
-            p = t.data_ptr()
-            if p == start:
-                if t.dtype is not out.dtype:
-                    return False
-            elif p < end and start < p + t.nbytes:
-                return False
-        return True
+        return _spans_apart(out, operands)
 
     def euler(self, x_hat, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
         """``out`` = the Euler step from (x_hat, t_hat) to t_next; ``w``: a number or a per-sample tensor

@@ -20,12 +20,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .ops import PreparedSteps
+from .ops import D_DTYPES, PreparedSteps
 
 __all__ = ["edm_sampler", "karras_schedule"]
 
 SOLVERS = ("heun", "euler")
-_D_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the step ops read directly
 
 
 def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float, *, dtype=torch.float32,
@@ -89,7 +88,7 @@ class _Guidance:
     def _check(value, batch, device, name):
         """None (no guidance) for a weight of exactly 1, else a float or a per-sample tensor [B]."""
         if isinstance(value, torch.Tensor):
-            if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            if value.dtype not in D_DTYPES:
                 raise TypeError(f"{name} as a tensor must have a float dtype, got {value.dtype}")
             if value.dim() == 0:
                 value = value.reshape(1).expand(batch)
@@ -122,7 +121,7 @@ def _evaluate(name: str, network, x: torch.Tensor, t: torch.Tensor, labels) -> t
     """network(x, t, labels), checked: a floating tensor of x's shape on x's device."""
     out = network(x, t, labels)
     # The usual output passes four attribute checks; anything else gets the detailed ones below.
-    if isinstance(out, torch.Tensor) and out.dtype in _D_DTYPES and out.shape == x.shape and out.device == x.device:
+    if isinstance(out, torch.Tensor) and out.dtype in D_DTYPES and out.shape == x.shape and out.device == x.device:
         return out
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}(x, t, labels) must return a torch.Tensor, got {type(out).__name__}")
@@ -132,7 +131,7 @@ def _evaluate(name: str, network, x: torch.Tensor, t: torch.Tensor, labels) -> t
         raise ValueError(f"{name}(x, t, labels) returned shape {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     if out.device != x.device:
         raise ValueError(f"{name}(x, t, labels) returned a tensor on {out.device}; expected {x.device}")
-    if out.dtype not in _D_DTYPES:
+    if out.dtype not in D_DTYPES:
         out = out.to(x.dtype)  # e.g. float8: the ops read the four common float dtypes directly
     return out
 

@@ -55,11 +55,6 @@ class _MPLinear(nn.Module):
         return x @ self.normalized(x.dtype).t()
 
 
-def _mp_silu_grad(x: torch.Tensor) -> torch.Tensor:
-    # d/dx silu(x) / 0.596 = sigmoid(x) (1 + x (1 - sigmoid(x))) / 0.596.
-    sig = torch.sigmoid(x)
-    return sig * (1 + x * (1 - sig)) / 0.596
-
 
 @register_arch("toy_mlp")
 class ToyDenoiser(nn.Module):
@@ -127,7 +122,6 @@ class ToyDenoiser(nn.Module):
             (grad,) = torch.autograd.grad(logp.sum(), xg, create_graph=self.training)
         return x + s**2 * grad
 
-
     def _weights(self, dtype: torch.dtype):
         """What :meth:`_sample_forward` multiplies by, in ``dtype``, kept until a parameter changes
         (its version moves): the normalized weights, transposed, with the hidden layers' constants
@@ -177,6 +171,7 @@ class ToyDenoiser(nn.Module):
         # grad_x log p = -x / var + (sigma_data / sigma) c_in grad_u F.
         grad = torch.addcmul(-x / var, (SIGMA_DATA / s) * c_in, g @ w_in_u)
         return torch.addcmul(x, s**2, grad)
+
 
 def train(
     model: ToyDenoiser,
