@@ -27,6 +27,10 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=("heun", "euler"), default="heun")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="sampler dtype")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or ext")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="run each batch shape from a CUDA graph: auto (on a GPU), on (warn if not possible), off")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="on a GPU, evaluate the guiding network after the main one, not concurrently on a second stream")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints that need full unpickling (can run arbitrary code: trusted files only)")
@@ -74,6 +78,7 @@ def _run_generate(parser, args) -> int:
             num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
             guidance=args.guidance, S_churn=args.churn, S_min=args.s_min, S_max=args.s_max, S_noise=args.s_noise,
             dtype=getattr(torch, args.dtype), backend=args.backend, guidance_interval=interval, solver=args.solver,
+            cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph], overlap=not args.no_overlap,
         ):
             count += len(batch.seeds)
     except (TypeError, ValueError) as exc:

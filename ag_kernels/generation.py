@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from .sampler import edm_sampler
+from .engine import GuidedSampler
 from .seeds import SeedNoise, _check_seeds, _check_shape, parse_seeds
 
 __all__ = ["GeneratedBatch", "generate"]
@@ -175,8 +175,11 @@ def generate(
             parameter, else the CPU.  Under torchrun with CUDA, a device without index becomes
             ``cuda:LOCAL_RANK``; place the networks there too.
         progress: a tqdm bar over the batches (on rank 0 only).
-        **sampler_kwargs: passed to :func:`ag_kernels.edm_sampler` (num_steps, guidance, S_churn,
-            dtype, backend, ...).  Churn noise defaults to the seeds' own generators
+        **sampler_kwargs: the settings of one :class:`ag_kernels.GuidedSampler` that samples every
+            batch (those of :func:`ag_kernels.edm_sampler`: num_steps, guidance, S_churn, dtype,
+            backend, ...; and cuda_graph, overlap, batch_guide, compile).  ``cuda_graph`` defaults
+            to "auto" here: on a GPU each batch shape is captured once and replayed (the same
+            samples as an eager run).  Churn noise defaults to the seeds' own generators
             (``SeedNoise.randn_like``) rather than ``torch.randn_like``, so churned samples are
             reproducible per seed too; a ``randn_like`` given here replaces it.
 
@@ -234,6 +237,13 @@ def generate(
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
+    # One engine for every batch: the settings are checked once, and on a GPU each batch shape is
+    # captured into a CUDA graph once (the last batch may be shorter: a second graph).
+    engine_kwargs = dict(sampler_kwargs)
+    user_randn_like = engine_kwargs.pop("randn_like", None)
+    engine_kwargs.setdefault("cuda_graph", "auto")
+    engine = GuidedSampler(net, gnet, **engine_kwargs)
+
     # Consecutive batches of the full seed list, dealt round-robin: the same batches (and so the
     # same noise and, for a batch-size-sensitive network, the same arithmetic) as in one process.
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -254,9 +264,7 @@ def generate(
             if class_idx is not None:
                 classes = torch.full_like(classes, class_idx)
             labels = torch.eye(label_dim, dtype=torch.float32, device=device)[classes]
-        kwargs = dict(sampler_kwargs)
-        kwargs.setdefault("randn_like", rng.randn_like)
-        samples = edm_sampler(net, noise, labels, gnet, **kwargs)
+        samples = engine(noise, labels, randn_like=user_randn_like or rng.randn_like)
 
         if encoder is not None:
             with torch.no_grad():
