@@ -111,12 +111,37 @@ def _decode(encoder, samples: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def _png_path(outdir: str, seed: int) -> str:
-    # One folder per thousand seeds, as the EDM2 scripts do, so no folder grows huge.
+def _png_path(outdir: str, seed: int, subdirs: bool = True) -> str:
+    # With subdirs, one folder per thousand seeds, as the EDM2 scripts do, so no folder grows huge.
+    if not subdirs:
+        return os.path.join(outdir, f"{seed:06d}.png")
     return os.path.join(outdir, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
 
 
-def _write_pngs(images: torch.Tensor, seeds: List[int], outdir: str) -> List[str]:
+BATCH_SPLITS = ("fixed", "even")
+
+
+def _split(n: int, batch_size: int, world: int, how: str) -> List[range]:
+    """Index ranges of the batches, in order over all ranks (rank r runs entries r, r + world, ...).
+
+    "fixed": consecutive batches of batch_size (the last one possibly shorter), the same for any
+    number of processes.  "even": the EDM2 generator's split: the smallest multiple of ``world``
+    batches of at most batch_size per process, sizes differing by at most one, larger ones
+    first (empty batches where there are fewer seeds than processes).
+    """
+    if how == "fixed":
+        return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    count = max((n - 1) // (batch_size * world) + 1, 1) * world
+    size, extra = divmod(n, count)
+    out, start = [], 0
+    for k in range(count):
+        stop = start + size + (1 if k < extra else 0)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def _write_pngs(images: torch.Tensor, seeds: List[int], outdir: str, subdirs: bool = True) -> List[str]:
     try:
         import numpy as np  # noqa: F401  (Tensor.numpy below needs it)
         from PIL import Image
@@ -130,7 +155,7 @@ def _write_pngs(images: torch.Tensor, seeds: List[int], outdir: str) -> List[str
     hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     paths = []
     for seed, img in zip(seeds, hwc):
-        path = _png_path(outdir, seed)
+        path = _png_path(outdir, seed, subdirs)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(img[:, :, 0] if channels == 1 else img, "L" if channels == 1 else "RGB").save(path)
         paths.append(path)
@@ -146,6 +171,8 @@ def generate(
     encoder=None,
     outdir: Optional[str] = None,
     *,
+    subdirs: bool = True,
+    batch_split: str = "fixed",
     noise_shape=None,
     device=None,
     progress: bool = True,
@@ -168,7 +195,12 @@ def generate(
         encoder: turns samples into uint8 images [B, C, H, W]: ``encoder.decode(samples)`` if it
             has ``.decode``, else ``encoder(samples)``.  Without one, 4-D samples in [-1, 1] are
             mapped to [0, 255].
-        outdir: if given, one PNG per seed is written to ``outdir/{seed - seed % 1000:06d}/{seed:06d}.png``.
+        outdir: if given, one PNG per seed is written to ``outdir/{seed - seed % 1000:06d}/{seed:06d}.png``
+            (``subdirs=False``: ``outdir/{seed:06d}.png``, as EDM2's generator without --subdirs).
+        batch_split: "fixed" (default): consecutive batches of batch_size seeds, the same for any
+            number of processes; "even": the EDM2 generator's split (as many batches as needed,
+            a multiple of the process count, sizes differing by at most one), so a network whose
+            arithmetic depends on the batch size computes what the reference does.
         noise_shape: the shape of one sample's noise; default ``(net.img_channels,
             net.img_resolution, net.img_resolution)``.
         device: where the noise (and labels) are made; default the device of net's first
@@ -198,6 +230,10 @@ def generate(
     batch_size = _check_int("batch_size", batch_size, 1)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    if subdirs is not True and subdirs is not False:
+        raise TypeError(f"subdirs must be True or False, got {subdirs!r}")
+    if batch_split not in BATCH_SPLITS:
+        raise ValueError(f"batch_split must be one of {BATCH_SPLITS}, got {batch_split!r}")
     if outdir is not None and not isinstance(outdir, (str, os.PathLike)):
         raise TypeError(f"outdir must be a path (str or os.PathLike) or None, got {type(outdir).__name__}")
     if encoder is not None and not (hasattr(encoder, "decode") or callable(encoder)):
@@ -244,10 +280,11 @@ def generate(
     engine_kwargs.setdefault("cuda_graph", "auto")
     engine = GuidedSampler(net, gnet, **engine_kwargs)
 
-    # Consecutive batches of the full seed list, dealt round-robin: the same batches (and so the
-    # same noise and, for a batch-size-sensitive network, the same arithmetic) as in one process.
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    mine = batches[rank::world]
+    # The batches of the full seed list, dealt round-robin: with "fixed", the same batches (and so
+    # the same arithmetic for a batch-size-sensitive network) as in one process; with "even",
+    # the batches EDM2's generator forms for this many processes.
+    batches = [seeds[r.start:r.stop] for r in _split(len(seeds), batch_size, world, batch_split)]
+    mine = [b for b in batches[rank::world] if b]
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
@@ -270,7 +307,8 @@ def generate(
             with torch.no_grad():
                 images = _decode(encoder, samples)
         elif samples.dim() == 4:
-            images = (samples * 127.5 + 128).clip(0, 255).to(torch.uint8)
+            # EDM2's pixel-space decoding, in float32 as there (a float64 run rounds the same way).
+            images = (samples.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
         else:
             images = None
 
@@ -279,5 +317,5 @@ def generate(
             if images is None:
                 raise ValueError(f"outdir: samples of shape {tuple(samples.shape)} are not images [B, C, H, W]; "
                                  "pass an encoder that decodes them, or outdir=None")
-            paths = _write_pngs(images, batch_seeds, os.fspath(outdir))
+            paths = _write_pngs(images, batch_seeds, os.fspath(outdir), subdirs)
         yield GeneratedBatch(seeds=list(batch_seeds), labels=labels, samples=samples, images=images, paths=paths)

@@ -32,19 +32,30 @@ def _nets(tmp_path, gen):
     return net, gnet, [str(p) for p in paths]
 
 
-def test_generate_command_writes_the_api_images(tmp_path, gen, capsys):
+@pytest.mark.parametrize("subdirs", [False, True])
+def test_generate_command_writes_the_api_images(tmp_path, gen, capsys, subdirs):
+    """The command writes what generate(batch_split="even") gives, as NNNNNN.png (EDM2's layout:
+    flat, or one folder per 1000 seeds with --subdirs)."""
     net, gnet, (net_path, gnet_path) = _nets(tmp_path, gen)
     outdir = tmp_path / "out"
     code = main(["generate", "--net", net_path, "--gnet", gnet_path, "--seeds", "3-5,1000", "--batch", "3",
-                 "--steps", "4", "--guidance", "2.1", "--outdir", str(outdir), "--device", "cpu", "--no-progress"])
+                 "--steps", "4", "--guidance", "2.1", "--outdir", str(outdir), "--device", "cpu", "--no-progress"]
+                + (["--subdirs"] if subdirs else []))
     assert code == 0
     assert "generated 4 samples" in capsys.readouterr().out
     expected = {}
-    for batch in generate(net, gnet, seeds=[3, 4, 5, 1000], batch_size=3, progress=False, num_steps=4, guidance=2.1):
+    for batch in generate(net, gnet, seeds=[3, 4, 5, 1000], batch_size=3, progress=False, num_steps=4, guidance=2.1,
+                          batch_split="even"):
+        assert len(batch.seeds) == 2  # 4 seeds, at most 3 a batch: EDM2 splits them 2 + 2
         for seed, image in zip(batch.seeds, batch.images):
             expected[seed] = image.permute(1, 2, 0).numpy()
+    written = sorted(str(p.relative_to(outdir)) for p in outdir.rglob("*.png"))
+    if subdirs:
+        assert written == ["000000/000003.png", "000000/000004.png", "000000/000005.png", "001000/001000.png"]
+    else:
+        assert written == ["000003.png", "000004.png", "000005.png", "001000.png"]
     for seed in (3, 4, 5, 1000):
-        path = outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
+        path = outdir / (f"{seed - seed % 1000:06d}/{seed:06d}.png" if subdirs else f"{seed:06d}.png")
         with Image.open(path) as png:
             assert png.size == (8, 8) and png.mode == "RGB"
             assert np.array_equal(np.asarray(png), expected[seed]), seed
