@@ -93,6 +93,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["triton>=3.0", "pytest", "pytest-benchmark", "ninja"],
+        # Decoding EDM2's latent (img512) models: the VAE is loaded through diffusers.
+        "edm2": ["diffusers>=0.25"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -80,6 +81,9 @@ def _run_generate(parser, args) -> int:
     from .seeds import parse_seeds
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        # Under torchrun each process loads its networks onto its own GPU, where generate samples.
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
