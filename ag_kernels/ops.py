@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -74,12 +75,24 @@ def _check_range(name: str, ok, what: str) -> None:
         raise ValueError(f"{name} must be {what}")
 
 
-def _param(name: str, value, batch: int, device: torch.device, *, lower: Optional[str] = None):
+def _in_float32(value: float) -> float:
+    """``value`` rounded to float32 (inf where it overflows), as a kernel computing in float32 sees it."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _param(name: str, value, batch: int, device: torch.device, *, lower: Optional[str] = None,
+           dtype: Optional[torch.dtype] = None):
     """Normalize a scalar-or-per-sample argument to (float or None, tensor [B] or None).
 
-    ``lower``: None (any finite value), "positive" (> 0) or "nonnegative" (>= 0).
+    ``lower``: None (any finite value), "positive" (> 0) or "nonnegative" (>= 0).  ``dtype``: the
+    dtype the op computes in; in float32 the value must stay finite (and > 0 where positive)
+    after rounding to it, or the result would be silently inf or NaN (sigma = 1e-46 is 0 there).
     """
     what = {None: "finite", "positive": "finite and > 0", "nonnegative": "finite and >= 0"}[lower]
+    narrow = dtype == torch.float32
     if isinstance(value, torch.Tensor):
         if value.dtype not in D_DTYPES:
             raise TypeError(f"{name} as a tensor must have dtype {_dtype_names(D_DTYPES)}, got {value.dtype}")
@@ -94,12 +107,14 @@ def _param(name: str, value, batch: int, device: torch.device, *, lower: Optiona
             )
         if value.device.type == "cpu" and value.numel() and _checking_values():
             v = value.detach()
+            if narrow and v.dtype == torch.float64:
+                v = v.to(torch.float32)  # the kernels read it in float32: check what they will see
             ok = bool(torch.isfinite(v).all())
             if ok and lower == "positive":
                 ok = bool((v > 0).all())
             elif ok and lower == "nonnegative":
                 ok = bool((v >= 0).all())
-            _check_range(name, ok, f"{what} in every element")
+            _check_range(name, ok, f"{what} in every element" + (" (in float32)" if narrow else ""))
         return None, value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or a per-sample tensor, got {type(value).__name__}")
@@ -110,6 +125,11 @@ def _param(name: str, value, batch: int, device: torch.device, *, lower: Optiona
     elif ok and lower == "nonnegative":
         ok = value >= 0
     _check_range(name, ok, f"{what}, got {value}")
+    if narrow and value != 0:
+        rounded = _in_float32(value)
+        if rounded == 0 or math.isinf(rounded):
+            raise ValueError(f"{name}={value!r} is not representable in float32, the dtype of the computation "
+                             f"(it rounds to {rounded}); use float64 data or a value within float32's range")
     return value, None
 
 
@@ -184,7 +204,8 @@ def _in_layout(t: Optional[torch.Tensor], strides) -> Optional[torch.Tensor]:
 # other call, including every bad one, takes the checked path below, which raises the errors.
 
 _EXACT_INT = 2**53
-_INF = math.inf
+_F32_MAX = 3.4e38       # below float32's largest finite value (3.4028235e38)
+_F32_TINY = 1.5e-45     # at or above float32's smallest subnormal (1.4e-45): rounds to a nonzero value
 # Lower bounds of (guidance, sigma, sigma_next) per op, as _fast_numbers reads them.
 _EULER_BOUNDS = (None, 0, "0=")
 _HEUN_BOUNDS = (None, 0, 0)
@@ -219,8 +240,9 @@ def _fast_floats(guidance, sigma, sigma_next, next_positive: bool) -> bool:
     sigma_next > 0 (``next_positive``) or >= 0; ints and other numbers go through _fast_numbers."""
     if type(guidance) is float and type(sigma) is float and type(sigma_next) is float:
         # Chained comparisons are False for NaN, so these also reject it.
-        return (-_INF < guidance < _INF and 0.0 < sigma < _INF and sigma_next < _INF
-                and (sigma_next > 0.0 if next_positive else sigma_next >= 0.0))
+        # Also within float32's range (sigma not below its smallest subnormal), so no kernel sees 0 or inf.
+        return (-_F32_MAX < guidance < _F32_MAX and _F32_TINY <= sigma < _F32_MAX and sigma_next < _F32_MAX
+                and (sigma_next >= _F32_TINY if next_positive else sigma_next >= _F32_TINY or sigma_next == 0.0))
     return _fast_numbers(_HEUN_BOUNDS if next_positive else _EULER_BOUNDS, guidance, sigma, sigma_next)
 
 
@@ -232,6 +254,9 @@ def _fast_tensors(ref, ref_dtypes, others, out, out_dtype) -> bool:
     view (an in-place step)."""
     if type(ref) is not torch.Tensor or ref.dtype not in ref_dtypes or not ref.is_contiguous() or _compiling():
         return False
+    if _grad_enabled() and (ref.requires_grad or (type(out) is torch.Tensor and out.requires_grad)
+                            or any(t.requires_grad for t in others if type(t) is torch.Tensor)):
+        return False  # the checked path differentiates, or says why out= cannot be used
     shape, device = ref.shape, ref.device
     for t in others:
         if (type(t) is not torch.Tensor or t.dtype not in D_DTYPES or t.shape != shape
@@ -263,12 +288,13 @@ def _spans_apart(out, operands) -> bool:
 
 
 def _fast_numbers(lower_bounds, *values) -> bool:
-    """True when every value is a plain finite Python number above its lower bound
-    (0: > 0, None: any, "0=": >= 0); anything else goes the checked path."""
+    """True when every value is a plain Python number within float32's range above its lower
+    bound (0: > 0, None: any, "0=": >= 0); anything else goes the checked path."""
     for v, lower in zip(values, lower_bounds):
         t = type(v)
         if t is float:
-            if not math.isfinite(v):
+            # Within float32's range (NaN fails too), and not so small that float32 rounds it to 0.
+            if not -_F32_MAX < v < _F32_MAX or (v != 0.0 and -_F32_TINY < v < _F32_TINY):
                 return False
         elif t is not int or not -_EXACT_INT < v < _EXACT_INT:  # huge ints: the checked path says why
             return False
@@ -280,9 +306,18 @@ def _fast_numbers(lower_bounds, *values) -> bool:
 
 
 _compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 
 # --------------------------------------------------------------------------- dispatch
+
+
+def _needs_grad(tensors, params) -> bool:
+    """Grad mode is on and some operand (a tensor or a per-sample coefficient) requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors) or any(
+        v is not None and v.requires_grad for _, v in params)
 
 
 def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn):
@@ -293,13 +328,21 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn)
     ``params``: the normalized (scalar, vector) pairs of guidance[, sigma[, sigma_next]];
     ``reference_fn``: computes the result with the PyTorch reference.
     """
+    grad = _needs_grad(tensors, params)
     if out is not None:
         _check_tensor("out", out, (out_dtype,), ref, "the result")
         if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(out) == 1:
             raise ValueError("out has overlapping memory (an expanded tensor?); pass a tensor with distinct elements")
+        # As torch's own out= ops: no derivatives through out=, on every backend alike.
+        if grad:
+            raise ValueError("out=: an operand requires grad, and results written into out= are not "
+                             "differentiated; call without out= (or under torch.no_grad())")
+        if out.requires_grad and torch.is_grad_enabled():
+            raise ValueError("out= is a tensor that requires grad; writing into it in place would break "
+                             "autograd; pass one that does not, or call under torch.no_grad()")
     chosen = resolve_backend(backend, ref.device)
 
-    if ref.numel() == 0:
+    if ref.numel() == 0 and not grad:
         return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
 
     if chosen == "torch":
@@ -308,7 +351,17 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn)
             return result
         out.copy_(result)
         return out
+    if grad:
+        from . import _autograd
 
+        return _autograd.apply(name, chosen, out_dtype, tensors, params)
+    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params)
+
+
+def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params):
+    """The kernel backend ``chosen`` computes op ``name`` into ``out`` (or a new tensor), laying out operands."""
+    if ref.numel() == 0:
+        return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
     per_sample = any(v is not None for _, v in params)
     strides = _kernel_layout(ref, per_sample)
     operands = [_in_layout(t, strides) for t in tensors]
@@ -344,11 +397,11 @@ def _kernel_op(backend: str, name: str):
     return getattr(torch.ops.ag_kernels, name)
 
 
-def _guidance(d_guide, guidance, batch, device):
+def _guidance(d_guide, guidance, batch, device, dtype=None):
     """(d_guide, (scalar, vector)): guidance is ignored without d_guide, and a scalar 1 needs no d_guide."""
     if d_guide is None:
         return None, (1.0, None)
-    g = _param("guidance", guidance, batch, device)
+    g = _param("guidance", guidance, batch, device, dtype=dtype)
     if g[1] is None and g[0] == 1.0:
         return None, g  # D_w = D_1 exactly at w = 1 (lerp's end point): skip reading D_0.
     return d_guide, g
@@ -401,7 +454,7 @@ def guided_denoise(
     _check_tensor("d_main", d_main, D_DTYPES)
     if d_guide is not None:
         _check_tensor("d_guide", d_guide, D_DTYPES, d_main, "d_main")
-    d_guide, g = _guidance(d_guide, guidance, _batch(d_main), d_main.device)
+    d_guide, g = _guidance(d_guide, guidance, _batch(d_main), d_main.device, dtype)
     return _dispatch(
         "guided_denoise", d_main, dtype, out, [d_main, d_guide], [g], backend,
         lambda: reference.torch_guided_denoise(d_main, d_guide, _value(g), dtype),
@@ -447,9 +500,9 @@ def euler_step(
             return out
     _check_inputs("x", x, d_main, d_guide)
     batch, device = _batch(x), x.device
-    d_guide, g = _guidance(d_guide, guidance, batch, device)
-    s = _param("sigma", sigma, batch, device, lower="positive")
-    sn = _param("sigma_next", sigma_next, batch, device, lower="nonnegative")
+    d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    s = _param("sigma", sigma, batch, device, lower="positive", dtype=x.dtype)
+    sn = _param("sigma_next", sigma_next, batch, device, lower="nonnegative", dtype=x.dtype)
     return _dispatch(
         "euler_step", x, x.dtype, out, [x, d_main, d_guide], [g, s, sn], backend,
         lambda: reference.torch_euler_step(x, d_main, d_guide, _value(g), _value(s), _value(sn)),
@@ -502,9 +555,9 @@ def heun_step(
             return out
     _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)])
     batch, device = _batch(x_hat), x_hat.device
-    d_guide, g = _guidance(d_guide, guidance, batch, device)
-    s = _param("sigma", sigma, batch, device, lower="positive")
-    sn = _param("sigma_next", sigma_next, batch, device, lower="positive")
+    d_guide, g = _guidance(d_guide, guidance, batch, device, x_hat.dtype)
+    s = _param("sigma", sigma, batch, device, lower="positive", dtype=x_hat.dtype)
+    sn = _param("sigma_next", sigma_next, batch, device, lower="positive", dtype=x_hat.dtype)
     return _dispatch(
         "heun_step", x_hat, x_hat.dtype, out, [x_hat, x_euler, d_main, d_guide], [g, s, sn], backend,
         lambda: reference.torch_heun_step(x_hat, x_euler, d_main, d_guide, _value(g), _value(s), _value(sn)),
@@ -544,8 +597,8 @@ def guided_score(
             return out
     _check_inputs("x", x, d_main, d_guide)
     batch, device = _batch(x), x.device
-    d_guide, g = _guidance(d_guide, guidance, batch, device)
-    s = _param("sigma", sigma, batch, device, lower="positive")
+    d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    s = _param("sigma", sigma, batch, device, lower="positive", dtype=x.dtype)
     return _dispatch(
         "guided_score", x, x.dtype, out, [x, d_main, d_guide], [g, s], backend,
         lambda: reference.torch_guided_score(x, d_main, d_guide, _value(g), _value(s)),
@@ -585,8 +638,12 @@ class PreparedSteps:
         """The kernel can run on these as they are: contiguous, out overlapping none but as the same view."""
         if self._kernels is None or not out.is_contiguous():
             return False
+        # With autograd in play the public op differentiates, or says why out= cannot be used.
+        grad = _grad_enabled()
+        if grad and out.requires_grad:
+            return False
         for t in operands:
-            if t is not None and not t.is_contiguous():
+            if t is not None and (not t.is_contiguous() or grad and t.requires_grad):
                 return False
         return _spans_apart(out, operands)
 

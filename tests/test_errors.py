@@ -1,8 +1,10 @@
 """Bad input gets a TypeError/ValueError naming the argument, on every backend."""
 
 import math
+import re
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -165,3 +167,28 @@ def test_available_backends():
     assert ag_kernels.available_backends(torch.device("cpu")) == cpu
     if torch.cuda.is_available():
         assert ag_kernels.available_backends("cuda")[0] in ("ext", "triton")
+
+
+@pytest.mark.parametrize("backend", ag_kernels.available_backends("cpu"))
+def test_coefficients_must_be_representable_in_float32(backend):
+    """A scalar that rounds to 0 or inf in float32 would give all-NaN or inf output: refused, naming it;
+    the same values are fine for float64 data."""
+    x, d = torch.randn(2, 5), torch.randn(2, 5)
+    cases = [
+        (lambda: ag_kernels.euler_step(x, d, None, 1.0, 1e-46, 0.0, backend=backend), "sigma=1e-46"),
+        (lambda: ag_kernels.euler_step(x, d, None, 1.0, 1.0, 1e-47, backend=backend), "sigma_next=1e-47"),
+        (lambda: ag_kernels.heun_step(x, x, d, None, 1.0, 1.0, 1e-46, backend=backend), "sigma_next=1e-46"),
+        (lambda: ag_kernels.guided_score(x, d, None, 1.0, 1e40, backend=backend), "sigma=1e+40"),
+        (lambda: ag_kernels.euler_step(x, d, d, 1e39, 1.0, 0.5, backend=backend), "guidance=1e+39"),
+        (lambda: ag_kernels.euler_step(x, d, None, 1.0, torch.tensor([1.0, 1e-46], dtype=torch.float64), 0.0,
+                                       backend=backend), "sigma must be finite and > 0 in every element (in float32)"),
+    ]
+    for call, match in cases:
+        pattern = re.escape(match) + ("" if "every" in match else ".*not representable")
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    x64, d64 = x.double(), d.double()
+    out = ag_kernels.euler_step(x64, d64, None, 1.0, 1e-46, 0.0, backend=backend)
+    assert torch.isfinite(out).all()
+    ok = ag_kernels.euler_step(x, d, None, 1.0, 1.5e-45, 0.0, backend=backend)  # the smallest subnormal: fine
+    assert ok.shape == x.shape

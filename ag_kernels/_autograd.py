@@ -1,0 +1,198 @@
+"""Differentiable versions of the kernel backends' step ops (``torch.ops.ag_kernels_ad.*``).
+
+The kernel ops write into ``out`` and have no derivative; the "torch" backend differentiates
+through PyTorch.  When a public op is called with grad mode on and an operand that requires
+grad, it runs one of these functional custom ops instead: the forward is the chosen backend's
+kernel, the derivative is registered with ``torch.library.register_autograd``.  Every step is
+linear in x, x_euler, d_main and d_guide (Karras et al. 2022, Algorithm 2, with
+D_w = D_0 + w (D_1 - D_0)); per-sample coefficient tensors (guidance, sigma, sigma_next) get
+their derivatives too, summed over each sample's elements, so every backend differentiates
+like the reference.  The backward formulas are plain PyTorch, so they differentiate again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _forward(name, backend, ref, out_dtype, tensors, params) -> Tensor:
+    from .ops import _run_kernel
+
+    return _run_kernel(name, backend, ref, out_dtype, None, tensors, params)
+
+
+def _fake(ref, out_dtype, vecs) -> Tensor:
+    from .ops import _kernel_layout
+
+    per_sample = any(v is not None for v in vecs)
+    return torch.empty_strided(ref.shape, _kernel_layout(ref, per_sample), dtype=out_dtype, device=ref.device)
+
+
+# --------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("ag_kernels_ad::guided_denoise", mutates_args=())
+def guided_denoise(backend: str, d_main: Tensor, d_guide: Optional[Tensor], g_vec: Optional[Tensor], g: float,
+                   dtype: torch.dtype) -> Tensor:
+    return _forward("guided_denoise", backend, d_main, dtype, [d_main, d_guide], [(g, g_vec)])
+
+
+@torch.library.custom_op("ag_kernels_ad::euler_step", mutates_args=())
+def euler_step(backend: str, x: Tensor, d_main: Tensor, d_guide: Optional[Tensor], g_vec: Optional[Tensor],
+               s_vec: Optional[Tensor], sn_vec: Optional[Tensor], g: float, s: float, sn: float) -> Tensor:
+    return _forward("euler_step", backend, x, x.dtype, [x, d_main, d_guide], [(g, g_vec), (s, s_vec), (sn, sn_vec)])
+
+
+@torch.library.custom_op("ag_kernels_ad::heun_step", mutates_args=())
+def heun_step(backend: str, x_hat: Tensor, x_euler: Tensor, d_main: Tensor, d_guide: Optional[Tensor],
+              g_vec: Optional[Tensor], s_vec: Optional[Tensor], sn_vec: Optional[Tensor], g: float, s: float,
+              sn: float) -> Tensor:
+    return _forward("heun_step", backend, x_hat, x_hat.dtype, [x_hat, x_euler, d_main, d_guide],
+                    [(g, g_vec), (s, s_vec), (sn, sn_vec)])
+
+
+@torch.library.custom_op("ag_kernels_ad::guided_score", mutates_args=())
+def guided_score(backend: str, x: Tensor, d_main: Tensor, d_guide: Optional[Tensor], g_vec: Optional[Tensor],
+                 s_vec: Optional[Tensor], g: float, s: float) -> Tensor:
+    return _forward("guided_score", backend, x, x.dtype, [x, d_main, d_guide], [(g, g_vec), (s, s_vec)])
+
+
+@guided_denoise.register_fake
+def _(backend, d_main, d_guide, g_vec, g, dtype):
+    return _fake(d_main, dtype, (g_vec,))
+
+
+@euler_step.register_fake
+def _(backend, x, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+    return _fake(x, x.dtype, (g_vec, s_vec, sn_vec))
+
+
+@heun_step.register_fake
+def _(backend, x_hat, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+    return _fake(x_hat, x_hat.dtype, (g_vec, s_vec, sn_vec))
+
+
+@guided_score.register_fake
+def _(backend, x, d_main, d_guide, g_vec, s_vec, g, s):
+    return _fake(x, x.dtype, (g_vec, s_vec))
+
+
+# --------------------------------------------------------------------------- derivatives
+
+
+def _coef(scalar: float, vec: Optional[Tensor], like: Tensor):
+    """A coefficient as the formula uses it: the float, or the per-sample tensor as [B, 1, ..., 1] in like's dtype."""
+    if vec is None:
+        return scalar
+    shape = (vec.shape[0],) + (1,) * (like.dim() - 1) if like.dim() else ()
+    return vec.to(like.dtype).reshape(shape)
+
+
+def _per_sample(term: Tensor, vec: Optional[Tensor], need: bool):
+    """d/d(vec) from the elementwise derivative ``term``: summed over each sample's elements."""
+    if vec is None or not need:
+        return None
+    return term.reshape(vec.shape[0], -1).sum(1).to(vec.dtype)
+
+
+def _denoised(d_main, d_guide, W, dt):
+    D_1 = d_main.to(dt)
+    return D_1 if d_guide is None else d_guide.to(dt).lerp(D_1, W)
+
+
+def _through_denoiser(grad_D, d_main, d_guide, g_vec, W, dt, needs):
+    """(d_main, d_guide, g_vec) gradients from the gradient with respect to D_w."""
+    need_main, need_guide, need_g = needs
+    if d_guide is None:
+        return (grad_D.to(d_main.dtype) if need_main else None), None, None
+    gm = (grad_D * W).to(d_main.dtype) if need_main else None
+    gg = (grad_D * (1 - W)).to(d_guide.dtype) if need_guide else None
+    gw = _per_sample(grad_D * (d_main.to(dt) - d_guide.to(dt)), g_vec, need_g)
+    return gm, gg, gw
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
+    ctx.scalars = [None if isinstance(t, Tensor) else t for t in inputs]
+
+
+def _restore(ctx):
+    return [t if t is not None else s for t, s in zip(ctx.saved_tensors, ctx.scalars)]
+
+
+def _denoise_backward(ctx, grad):
+    backend, d_main, d_guide, g_vec, g, dtype = _restore(ctx)
+    n = ctx.needs_input_grad
+    W = _coef(g, g_vec, grad)
+    gm, gg, gw = _through_denoiser(grad, d_main, d_guide, g_vec, W, dtype, (n[1], n[2], n[3]))
+    return None, gm, gg, gw, None, None
+
+
+def _euler_backward(ctx, grad):
+    backend, x, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn = _restore(ctx)
+    n = ctx.needs_input_grad
+    dt = x.dtype
+    W, S, SN = _coef(g, g_vec, x), _coef(s, s_vec, x), _coef(sn, sn_vec, x)
+    # x_next = x + (SN - S) (x - D) / S
+    grad_x = grad * (1 + (SN - S) / S) if n[1] else None
+    gm, gg, gw = _through_denoiser(grad * (-(SN - S) / S), d_main, d_guide, g_vec, W, dt, (n[2], n[3], n[4]))
+    gs = gsn = None
+    if n[5] or n[6]:
+        r = x - _denoised(d_main, d_guide, W, dt)
+        gs = _per_sample(grad * (-r * SN / (S * S)), s_vec, n[5])
+        gsn = _per_sample(grad * (r / S), sn_vec, n[6])
+    return None, grad_x, gm, gg, gw, gs, gsn, None, None, None
+
+
+def _heun_backward(ctx, grad):
+    backend, x_hat, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn = _restore(ctx)
+    n = ctx.needs_input_grad
+    dt = x_hat.dtype
+    W, S, SN = _coef(g, g_vec, x_hat), _coef(s, s_vec, x_hat), _coef(sn, sn_vec, x_hat)
+    # x_next = x_hat + (x_euler - x_hat) / 2 + (SN - S) (x_euler - D) / (2 SN)
+    grad_hat = grad * 0.5 if n[1] else None
+    grad_euler = grad * (0.5 + 0.5 * (SN - S) / SN) if n[2] else None
+    gm, gg, gw = _through_denoiser(grad * (-0.5 * (SN - S) / SN), d_main, d_guide, g_vec, W, dt, (n[3], n[4], n[5]))
+    gs = gsn = None
+    if n[6] or n[7]:
+        r = x_euler - _denoised(d_main, d_guide, W, dt)
+        gs = _per_sample(grad * (-0.5 * r / SN), s_vec, n[6])
+        gsn = _per_sample(grad * (0.5 * r * S / (SN * SN)), sn_vec, n[7])
+    return None, grad_hat, grad_euler, gm, gg, gw, gs, gsn, None, None, None
+
+
+def _score_backward(ctx, grad):
+    backend, x, d_main, d_guide, g_vec, s_vec, g, s = _restore(ctx)
+    n = ctx.needs_input_grad
+    dt = x.dtype
+    W, S = _coef(g, g_vec, x), _coef(s, s_vec, x)
+    # score = (D - x) / S^2
+    grad_x = grad * (-1 / (S * S)) if n[1] else None
+    gm, gg, gw = _through_denoiser(grad / (S * S), d_main, d_guide, g_vec, W, dt, (n[2], n[3], n[4]))
+    gs = None
+    if n[5]:
+        r = _denoised(d_main, d_guide, W, dt) - x
+        gs = _per_sample(grad * (-2 * r / (S * S * S)), s_vec, True)
+    return None, grad_x, gm, gg, gw, gs, None, None
+
+
+guided_denoise.register_autograd(_denoise_backward, setup_context=_setup)
+euler_step.register_autograd(_euler_backward, setup_context=_setup)
+heun_step.register_autograd(_heun_backward, setup_context=_setup)
+guided_score.register_autograd(_score_backward, setup_context=_setup)
+
+OPS = {"guided_denoise": guided_denoise, "euler_step": euler_step, "heun_step": heun_step,
+       "guided_score": guided_score}
+
+
+def apply(name: str, backend: str, out_dtype, tensors, params) -> Tensor:
+    """The differentiable op ``name`` on the checked operands of a public op (see ops._dispatch)."""
+    vecs = [v for _, v in params]
+    scalars = [1.0 if s is None else s for s, _ in params]
+    if name == "guided_denoise":
+        d_main, d_guide = tensors
+        return guided_denoise(backend, d_main, d_guide, vecs[0], scalars[0], out_dtype)
+    return OPS[name](backend, *tensors, *vecs, *scalars)
