@@ -107,12 +107,12 @@ def save_net(net: nn.Module, path: PathLike) -> None:
 def _is_torchscript(path: Path) -> bool:
     """True for a TorchScript archive: a zip with a ``code/`` folder or ``constants.pkl`` (torch.save zips have
     neither)."""
-    if not zipfile.is_zipfile(path):
-        return False
     try:
+        if not zipfile.is_zipfile(path):
+            return False
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a damaged zip fails in many ways (BadZipFile, UnicodeDecodeError, ...): not TorchScript
         return False
     return any(n == "constants.pkl" or n.endswith("/constants.pkl") or n.startswith("code/") or "/code/" in n
                for n in names)
@@ -120,8 +120,11 @@ def _is_torchscript(path: Path) -> bool:
 
 def _looks_pickled(path: Path) -> bool:
     """True when the file is a torch.save zip or starts with a well-formed pickle (parsed, never executed)."""
-    if zipfile.is_zipfile(path):
-        return True
+    try:
+        if zipfile.is_zipfile(path):
+            return True
+    except Exception:  # a damaged zip: fall through to the pickle check
+        pass
     try:
         with open(path, "rb") as f:
             # genops only decodes opcodes; it imports and calls nothing.
@@ -130,6 +133,11 @@ def _looks_pickled(path: Path) -> bool:
         return True
     except Exception:  # any decoding failure: not a pickle
         return False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else "no message"
 
 
 def _torch_reason(exc: BaseException) -> str:
@@ -151,7 +159,13 @@ def _full_unpickle(path: Path, device):
 
 
 def _build(obj: dict, path: Path, device) -> nn.Module:
-    """The network described by one of our checkpoints (already loaded weights-only)."""
+    """The network described by one of our checkpoints (already loaded weights-only).
+
+    Everything the file says is checked before anything is allocated: the fields' types, the
+    architecture kwargs (JSON-like values), and the shapes of the network those kwargs build,
+    which is first built on the meta device (no memory) and must match the file's own tensors
+    exactly; so a small file cannot make the loader build a huge network.
+    """
     version = obj.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path}: bad format version {version!r}")
@@ -161,19 +175,45 @@ def _build(obj: dict, path: Path, device) -> nn.Module:
     arch, kwargs, state = obj.get("arch"), obj.get("kwargs"), obj.get("state_dict")
     if not isinstance(kwargs, dict) or not isinstance(state, dict):
         raise CheckpointError(f"{path}: corrupt checkpoint: 'kwargs' and 'state_dict' must be dicts")
+    if not all(isinstance(k, str) for k in kwargs) or not _json_like(kwargs):
+        raise CheckpointError(f"{path}: corrupt checkpoint: 'kwargs' must map names to JSON-like values")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: corrupt checkpoint: 'state_dict' entry {bad[0]!r} is not a named tensor")
     try:
         cls = get_arch(arch)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     try:
-        net = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot build {arch!r} from the stored kwargs {kwargs!r}: {exc}") from exc
+        with torch.device("meta"):
+            skeleton = cls(**kwargs)
+    except Exception as exc:  # any failure of the constructor on these kwargs is the file's fault
+        raise CheckpointError(f"{path}: cannot build {arch!r} from the stored kwargs {_short(kwargs)}: "
+                              f"{type(exc).__name__}: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        detail = "; ".join(part for part in (
+            f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+            f"{wrong[0]!r} is {list(found[wrong[0]])} in the file but {list(expected[wrong[0]])} for these kwargs"
+            if wrong else "") if part)
+        raise CheckpointError(f"{path}: the stored weights do not match {arch!r} built with {_short(kwargs)}: {detail}")
+    del skeleton
     try:
+        net = cls(**kwargs)
         net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: the stored weights do not match {arch!r} built with {kwargs!r}: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot build {arch!r} from the stored kwargs {_short(kwargs)}: "
+                              f"{type(exc).__name__}: {exc}") from None
     return net.to(device)
+
+
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...}"
 
 
 def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_pickle: bool = False) -> nn.Module:
@@ -209,8 +249,11 @@ def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_
                                     category=DeprecationWarning)
             try:
                 net = torch.jit.load(str(path), map_location=device)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{path}: not a loadable TorchScript archive: {exc}") from exc
+            except Exception as exc:  # a damaged archive fails in many ways; each is the file's fault
+                raise CheckpointError(f"{path}: not a loadable TorchScript archive: "
+                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
+        if not isinstance(net, nn.Module):
+            raise CheckpointError(f"{path}: the TorchScript archive holds a {type(net).__name__}, not a module")
         return net.eval()
 
     try:
@@ -235,13 +278,21 @@ def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_
         except (ImportError, AttributeError) as exc:
             # The pickle names a class that is not importable here (e.g. EDM2's dnnlib/torch_utils).
             raise CheckpointError(f"{path}: unpickling needs code that is not importable here: {exc}") from exc
+        except Exception as exc:  # (raised in this handler, the clauses below would not see it)
+            raise CheckpointError(f"{path}: cannot unpickle the file ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})") from None
         if isinstance(obj, dict) and isinstance(obj.get("ema"), nn.Module):
             obj = obj["ema"]  # EDM2 snapshots: {"ema": network, ...}
         if not isinstance(obj, nn.Module):
             raise CheckpointError(f"{path}: unpickled a {type(obj).__name__}, not a torch.nn.Module network")
         return obj.to(device).eval()
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path}: cannot read the file as a network checkpoint: {exc}") from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        # A damaged or foreign file makes torch.load fail in many ways (KeyError, IndexError,
+        # UnicodeDecodeError, RuntimeError, ...): all of them mean "not a checkpoint we can read".
+        raise CheckpointError(f"{path}: cannot read the file as a network checkpoint "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
 
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _build(obj, path, device).eval()
