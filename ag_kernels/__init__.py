@@ -8,7 +8,7 @@ step update, reading float16/bfloat16/float32 network outputs directly.
 
 from ._backends import _load_ext, available_backends
 from .ops import PreparedSteps, euler_step, guided_denoise, guided_score, heun_step
-from .engine import GuidedSampler
+from .engine import GuidedSampler, NonFiniteError
 from .sampler import edm_sampler, karras_schedule
 from .seeds import SeedNoise, parse_seeds
 from .generation import GeneratedBatch, generate
@@ -21,5 +21,5 @@ _load_ext(warn=True)
 
 __all__ = [
     "guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "PreparedSteps",
-    "edm_sampler", "karras_schedule", "GuidedSampler", "generate", "GeneratedBatch", "SeedNoise", "parse_seeds", "__version__",
+    "edm_sampler", "karras_schedule", "GuidedSampler", "NonFiniteError", "generate", "GeneratedBatch", "SeedNoise", "parse_seeds", "__version__",
 ]

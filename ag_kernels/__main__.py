@@ -80,7 +80,10 @@ def _run_generate(parser, args) -> int:
     from .generation import generate
     from .seeds import parse_seeds
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         # Under torchrun each process loads its networks onto its own GPU, where generate samples.
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -144,6 +147,29 @@ def _run_generate(parser, args) -> int:
     return 0
 
 
+def torch_device(text):
+    """The torch.device named by a --device flag, checked to exist here; ValueError (one line) otherwise."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{text!r}: no CUDA device is available here (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            raise ValueError(f"{text!r}: no {device.type} device is available here")
+    if device.type == "meta":
+        raise ValueError(f"{text!r}: the meta device holds no data; use cpu or cuda")
+    return device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ag_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,9 +201,17 @@ def main(argv=None) -> int:
         return toy_cli.run_demo(parser, args)
     if args.command == "toy":
         return toy_cli.run_toy(parser, args)
-    if args.batch < 1 or args.size < 1 or args.steps < 1:
-        parser.error("--batch, --size and --steps must be >= 1")
-    ok = selfcheck.run_selfcheck(args.device, args.batch, args.size, args.steps, tuple(args.guidance), args.seed, args.net_dtype)
+    for flag, value in (("--batch", args.batch), ("--size", args.size), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    for w in args.guidance:
+        if not abs(w) < 3.4e38:
+            parser.error(f"--guidance must be finite numbers within float32's range, got {w}")
+    try:
+        device = torch_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
+    ok = selfcheck.run_selfcheck(device, args.batch, args.size, args.steps, tuple(args.guidance), args.seed, args.net_dtype)
     return 0 if ok else 1
 
 

@@ -39,7 +39,7 @@ import torch
 
 from .ops import D_DTYPES, PreparedSteps
 
-__all__ = ["GuidedSampler", "karras_schedule"]
+__all__ = ["GuidedSampler", "NonFiniteError", "karras_schedule"]
 
 SOLVERS = ("heun", "euler")
 _SAME = object()  # guide_labels default: the guiding network gets the main network's labels
@@ -60,6 +60,10 @@ def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
     else:
         t_steps = torch.full((1,), sigma_max, dtype=dtype, device=device)
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+
+class NonFiniteError(ArithmeticError):
+    """The samples became NaN or infinite during a run; the message names the step where it first happened."""
 
 
 def _real(name: str, value, *, positive=False, nonnegative=False, allow_inf=False) -> float:
@@ -220,6 +224,7 @@ class _Static:
     eps: List[torch.Tensor]
     weights: list                  # per evaluation: None, a float, or a static [B] tensor
     slots: Dict[int, torch.Tensor]  # id of a caller's weight tensor -> its static copy (filled per call)
+    flags: Optional[torch.Tensor] = None  # per step: did x become non-finite (check_finite)
     graph: Optional["torch.cuda.CUDAGraph"] = None
     out: Optional[torch.Tensor] = None
 
@@ -248,6 +253,9 @@ class GuidedSampler:
         compile: ``torch.compile`` the networks (inductor, static shapes, freezing for modules
             in eval mode), compiled on first use per shape.  Off by default.
         max_graphs: how many captured graphs to keep (each holds its own memory pool).
+        check_finite: after every step, note on the device whether the samples are still finite
+            (two small kernels a step, no synchronization); at the end of the run raise
+            :class:`NonFiniteError` naming the first step where they were not.
 
     Call:
         ``sampler(noise, labels=None, *, guide_labels=<labels>, randn_like=<the engine's>)``:
@@ -284,6 +292,7 @@ class GuidedSampler:
         batch_guide="auto",
         compile: bool = False,
         max_graphs: int = 4,
+        check_finite: bool = False,
     ):
         if not callable(net):
             raise TypeError(f"net must be callable as net(x, t, labels), got {type(net).__name__}")
@@ -303,6 +312,9 @@ class GuidedSampler:
         self.S_min = _real("S_min", S_min, allow_inf=True)
         self.S_max = _real("S_max", S_max, allow_inf=True)
         self.S_noise = _real("S_noise", S_noise)
+        if self.S_churn > 0 and not self.S_min <= self.S_max:
+            raise ValueError(f"S_min must be <= S_max, got S_min={self.S_min}, S_max={self.S_max}: no step would "
+                             f"be churned although S_churn={self.S_churn}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype
@@ -322,6 +334,7 @@ class GuidedSampler:
         self.overlap = _flag("overlap", overlap)
         self.batch_guide = _flag("batch_guide", batch_guide, auto=True)
         self.compile = _flag("compile", compile)
+        self.check_finite = _flag("check_finite", check_finite)
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         self.max_graphs = int(max_graphs)
@@ -409,8 +422,9 @@ class GuidedSampler:
         main.wait_stream(stream)
         return d_main, d_guide
 
-    def _run(self, plan: _Plan, noise, labels, guide_labels, weights, eps, overlap: bool):
-        """One whole run: the sampler's loop.  ``eps(k, x)`` gives churned step k's noise."""
+    def _run(self, plan: _Plan, noise, labels, guide_labels, weights, eps, overlap: bool, flags=None):
+        """One whole run: the sampler's loop.  ``eps(k, x)`` gives churned step k's noise; ``flags``
+        (bool [num_steps] on the device, or None) receives, per step, whether x became non-finite."""
         stream = self._stream(noise.device) if overlap else None
         x_next = noise.to(self.dtype) * plan.t0
         # The steps write into two buffers in turn, so the step ops allocate nothing.
@@ -422,7 +436,9 @@ class GuidedSampler:
 
             steps = tqdm(steps, desc="edm_sampler", unit="step")
         e = k = 0
-        for step in steps:
+        for i, step in enumerate(steps):
+            if flags is not None and i > 0:
+                torch.logical_not(torch.isfinite(x_next).all(), out=flags[i - 1])
             x_cur = x_next
             if step.churn is not None:
                 x_hat = x_cur + step.churn * eps(k, x_cur)
@@ -443,6 +459,8 @@ class GuidedSampler:
             d_main, d_guide = self._denoise(x_euler, step.t_next, labels, guide_labels, w, stream)
             e += 1
             x_next = ops.heun(x_hat, x_euler, d_main, d_guide, w, step.t_hat_host, step.t_next_host, out=x_euler)
+        if flags is not None:
+            torch.logical_not(torch.isfinite(x_next).all(), out=flags[len(plan.steps) - 1])
         return x_next
 
     def _stream(self, device: torch.device):
@@ -501,13 +519,31 @@ class GuidedSampler:
                 out, reason = self._graph_call(plan, noise, labels, guide_labels, weights, randn_like, overlap)
                 if out is not None:
                     self.last_mode, self.fallback_reason = "graph", None
+                    self._report(self._graphs[self._last_key].flags, plan)
                     return out
             self.last_mode, self.fallback_reason = "eager", reason
             if self.cuda_graph is True and reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"GuidedSampler: running eagerly, not from a CUDA graph: {reason}", stacklevel=2)
             eps = _Noise(randn_like, noise.shape, self.dtype, noise.device)
-            return self._run(plan, noise, labels, guide_labels, weights, lambda k, x: eps(x), overlap)
+            flags = self._flags(plan, noise.device)
+            out = self._run(plan, noise, labels, guide_labels, weights, lambda k, x: eps(x), overlap, flags)
+            self._report(flags, plan)
+            return out
+
+    def _flags(self, plan: _Plan, device):
+        return torch.zeros(len(plan.steps), dtype=torch.bool, device=device) if self.check_finite else None
+
+    def _report(self, flags, plan: _Plan) -> None:
+        """Raise NonFiniteError naming the first step after which the samples were not finite."""
+        if flags is None or not bool(flags.any()):
+            return
+        i = int(flags.nonzero()[0])
+        step = plan.steps[i]
+        raise NonFiniteError(
+            f"the samples became NaN or infinite at step {i + 1} of {len(plan.steps)} (sigma {step.t_hat_host:g} "
+            f"-> {step.t_next_host:g}): a network returned non-finite values there, or the guidance made them "
+            "overflow")
 
     # ----------------------------------------------------------------------- graphs
 
@@ -541,7 +577,7 @@ class GuidedSampler:
                 st_weights.append(w)
         eps = [torch.empty(noise.shape, dtype=self.dtype, device=noise.device) for _ in range(plan.churned)]
         return _Static(noise=like(noise), labels=st_labels, guide_labels=st_guide, eps=eps,
-                       weights=st_weights, slots=slots)
+                       weights=st_weights, slots=slots, flags=self._flags(plan, noise.device))
 
     def _fill(self, st: _Static, noise, labels, guide_labels, weights, randn_like):
         """Copy a call's inputs into the static buffers; draw its churn noise in the reference's order."""
@@ -564,13 +600,15 @@ class GuidedSampler:
         eps = st.eps
 
         def run():
-            return self._run(plan, st.noise, st.labels, st.guide_labels, st.weights, lambda k, x: eps[k], overlap)
+            return self._run(plan, st.noise, st.labels, st.guide_labels, st.weights, lambda k, x: eps[k], overlap,
+                             st.flags)
 
         return run
 
     def _graph_call(self, plan, noise, labels, guide_labels, weights, randn_like, overlap):
         """(samples, None) from a graph replay, or (None, why not)."""
         key = self._key(noise, labels, guide_labels, weights)
+        self._last_key = key
         if key in self._graphs:
             self._graphs.move_to_end(key)
             st = self._graphs[key]

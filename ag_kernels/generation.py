@@ -209,8 +209,9 @@ def generate(
         progress: a tqdm bar over the batches (on rank 0 only).
         **sampler_kwargs: the settings of one :class:`ag_kernels.GuidedSampler` that samples every
             batch (those of :func:`ag_kernels.edm_sampler`: num_steps, guidance, S_churn, dtype,
-            backend, ...; and cuda_graph, overlap, batch_guide, compile).  ``cuda_graph`` defaults
-            to "auto" here: on a GPU each batch shape is captured once and replayed (the same
+            backend, ...; and cuda_graph, overlap, batch_guide, compile, check_finite).
+            ``check_finite`` defaults to True here (non-finite samples raise
+            :class:`ag_kernels.NonFiniteError` naming the step) and ``cuda_graph`` to "auto": on a GPU each batch shape is captured once and replayed (the same
             samples as an eager run).  Churn noise defaults to the seeds' own generators
             (``SeedNoise.randn_like``) rather than ``torch.randn_like``, so churned samples are
             reproducible per seed too; a ``randn_like`` given here replaces it.
@@ -278,6 +279,7 @@ def generate(
     engine_kwargs = dict(sampler_kwargs)
     user_randn_like = engine_kwargs.pop("randn_like", None)
     engine_kwargs.setdefault("cuda_graph", "auto")
+    engine_kwargs.setdefault("check_finite", True)  # NaN samples are an error naming the step, not PNGs
     engine = GuidedSampler(net, gnet, **engine_kwargs)
 
     # The batches of the full seed list, dealt round-robin: with "fixed", the same batches (and so

@@ -18,6 +18,7 @@ import torch
 
 from . import reference
 from ._backends import available_backends
+from .engine import NonFiniteError, karras_schedule
 from .ops import euler_step, heun_step
 
 
@@ -29,13 +30,26 @@ def gaussian_denoiser(mu: float, var: float, dtype=torch.float32):
 
 
 def karras_sigmas(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()
+    # The sampler's schedule in float64 (also for one step: [sigma_max, 0]).
+    return karras_schedule(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()
 
 
 def sample(noise, d_main_net, d_guide_net, guidance, sigmas, backend):
-    """Heun sampler; backend None runs the reference's formulas op by op (the eager baseline)."""
+    """Heun sampler; backend None runs the reference's formulas op by op (the eager baseline).
+
+    Raises NonFiniteError naming the first step whose result is NaN or infinite.
+    """
+    x = _sample(noise, d_main_net, d_guide_net, guidance, sigmas, backend)
+    return x
+
+
+def _finite_or_raise(x, i, sigmas):
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"the samples became NaN or infinite at step {i + 1} of {len(sigmas) - 1} "
+                             f"(sigma {sigmas[i]:g} -> {sigmas[i + 1]:g})")
+
+
+def _sample(noise, d_main_net, d_guide_net, guidance, sigmas, backend):
     x = noise * sigmas[0]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         d1, d0 = d_main_net(x, t_cur), d_guide_net(x, t_cur)
@@ -45,12 +59,14 @@ def sample(noise, d_main_net, d_guide_net, guidance, sigmas, backend):
             x_euler = euler_step(x, d1, d0, guidance, t_cur, t_next, backend=backend)
         if i == len(sigmas) - 2:  # no Heun correction on the last step (t_next = 0)
             x = x_euler
+            _finite_or_raise(x, i, sigmas)
             break
         d1, d0 = d_main_net(x_euler, t_next), d_guide_net(x_euler, t_next)
         if backend is None:
             x = reference.torch_heun_step(x, x_euler, d1, d0, guidance, t_cur, t_next)
         else:
             x = heun_step(x, x_euler, d1, d0, guidance, t_cur, t_next, backend=backend, out=x_euler)
+        _finite_or_raise(x, i, sigmas)
     return x
 
 
@@ -73,18 +89,35 @@ def run_selfcheck(device="cpu", batch=16, size=64, steps=32, guidances=(1.0, 2.1
     print(header)
     print("-" * len(header))
     worst = 0.0
+    tol = 1e-5
+    O1, O0 = gaussian_denoiser(mu, var, torch.float64), gaussian_denoiser(mu, 2.0 * var, torch.float64)
     for w in guidances:
-        ref = sample(noise, D1, D0, w, sigmas, None)
+        try:
+            ref = sample(noise, D1, D0, w, sigmas, None)
+            oracle = sample(noise.double(), O1, O0, w, sigmas, None)
+        except NonFiniteError as exc:
+            print(f"{w:5.2f} reference: {exc}")
+            return False
+        # With very few steps, float32 cancellation (x = 80 noise minus nearly all of it) costs the
+        # reference itself more than 1e-5: a backend may differ from it by a few times that.
+        own = ((ref.double() - oracle).abs().max() / oracle.abs().max()).item()
+        tol = max(tol, 4 * own)
         for b in backends:
-            out = sample(noise, D1, D0, w, sigmas, b)
+            try:
+                out = sample(noise, D1, D0, w, sigmas, b)
+            except NonFiniteError as exc:
+                print(f"{w:5.2f} {b:>8}: {exc}")
+                return False
             diff = ((out - ref).abs().max() / ref.abs().max()).item()
             worst = max(worst, diff)
             print(f"{w:5.2f} {b:>8} {out.mean().item():9.4f} {out.std().item():9.4f} {diff:26.2e}")
     print()
     print(f"true data std: {var ** 0.5:.4f}; guidance w > 1 narrows the samples toward the mode.")
     if dtype in (torch.float32, torch.float64):
-        ok = worst <= 1e-5
-        print(f"all backends agree with the reference within 1e-5: {'yes' if ok else 'NO'} (worst {worst:.2e})")
+        ok = worst <= tol
+        why = "" if tol == 1e-5 else " (4x the reference's own float32 error vs a float64 run: few steps)"
+        print(f"all backends agree with the reference within {tol:.1e}{why}: {'yes' if ok else 'NO'} "
+              f"(worst {worst:.2e})")
         return ok
     # With 16-bit network outputs a last-bit difference in x can round D to the neighbouring
     # 16-bit value (0.4% apart for bf16); such flips accumulate along the trajectory, so

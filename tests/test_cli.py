@@ -87,3 +87,24 @@ def test_verify_command_dispatch(capsys):
     assert main(["verify", "--edm2", STANDIN, "--steps", "4", "--backends", "torch"]) == 0
     assert "torch" in capsys.readouterr().out  # the table (its content is checked in test_verify.py)
     assert main(["verify", "--edm2", os.path.join(STANDIN, "does-not-exist")]) == 2
+
+
+def test_selfcheck_arguments_and_one_step(capsys):
+    for args, needle in [(["--device", "bogus"], "--device: 'bogus' is not a device name"),
+                         (["--steps", "0"], "--steps must be >= 1"),
+                         (["--guidance", "1e300"], "--guidance must be finite"),
+                         (["--device", "cuda:99"], "--device: 'cuda:99'")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["selfcheck", *args])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    # One step: the schedule is [sigma_max, 0] and the check still runs (with a float64-based tolerance).
+    assert main(["selfcheck", "--steps", "1", "--size", "4", "--batch", "2", "--device", "cpu"]) == 0
+    assert "agree with the reference" in capsys.readouterr().out
+
+
+def test_generate_device_checked_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--net", str(tmp_path / "missing.pt"), "--device", "nonsense"])
+    assert exc.value.code == 2 and "--device: 'nonsense'" in capsys.readouterr().err

@@ -375,3 +375,44 @@ def test_cuda_graph_float32_agrees_with_reference(gen):
     out = engine(noise, labels)
     ref = reference.torch_edm_sampler(net, noise, labels, gnet, num_steps=32, guidance=2.0)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("emulate", [False, True], ids=["eager", "graph"])
+def test_check_finite_names_the_first_bad_step(emulate, gen):
+    """A network that returns NaN below some sigma: NonFiniteError naming that step (eager and graph paths);
+    without check_finite the run finishes silently, as the reference does."""
+    net, gnet = nets()
+    noise, labels = inputs(gen)
+    plan_sigmas = ag_kernels.karras_schedule(6, 0.002, 80, 7).tolist()
+    bad_below = (plan_sigmas[3] + plan_sigmas[4]) / 2  # first evaluated below this: step 4's Heun evaluation
+
+    def broken(x, t, lab):
+        out = gnet(x, t, lab)
+        return out * float("nan") if float(t) < bad_below else out
+
+    engine = GuidedSampler(net, broken, num_steps=6, guidance=2.0, check_finite=True, cuda_graph=emulate)
+    engine._emulate_graphs = emulate
+    with pytest.raises(ag_kernels.NonFiniteError, match=r"step 4 of 6 \(sigma [0-9.]+ -> [0-9.]+\)"):
+        engine(noise, labels)
+    silent = GuidedSampler(net, broken, num_steps=6, guidance=2.0)(noise, labels)
+    assert torch.isnan(silent).all()
+    fine = GuidedSampler(net, gnet, num_steps=6, guidance=2.0, check_finite=True, cuda_graph=emulate)
+    fine._emulate_graphs = emulate
+    assert torch.equal(fine(noise, labels), GuidedSampler(net, gnet, num_steps=6, guidance=2.0)(noise, labels))
+
+
+def test_generate_reports_non_finite_samples(gen):
+    net, gnet = nets()
+
+    def broken(x, t, lab):
+        return gnet(x, t, lab) * float("inf")
+
+    with pytest.raises(ag_kernels.NonFiniteError, match="step 1 of 3"):
+        list(ag_kernels.generate(net, broken, seeds=[1, 2], num_steps=3, guidance=2.0, progress=False))
+
+
+def test_churn_bounds_that_never_churn_are_refused():
+    net, _ = nets()
+    with pytest.raises(ValueError, match="S_min must be <= S_max.*S_churn=10"):
+        GuidedSampler(net, None, S_churn=10, S_min=5, S_max=1)
+    GuidedSampler(net, None, S_churn=0, S_min=5, S_max=1)  # no churn asked: nothing to refuse
