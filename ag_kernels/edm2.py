@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .checkpoint import CheckpointError, UnsafeCheckpointError
+from .checkpoint import CheckpointError, UnsafeCheckpointError, _full_unpickle
 
 __all__ = ["EDM2Error", "PRESETS", "MODEL_ROOT", "Preset", "find_checkout", "use_checkout", "resolve_preset",
            "load_snapshot", "prepare_encoder", "ENV_VAR"]
@@ -193,12 +192,11 @@ def load_snapshot(path: Union[str, os.PathLike], *, device: Union[str, torch.dev
         raise UnsafeCheckpointError(f"{flag}: {path} is an EDM2 snapshot, a pickle: loading it runs code the file "
                                     "names.  Pass --allow-pickle (allow_pickle=True) for files you trust.")
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        data = _full_unpickle(path, "cpu")  # torch.save files and plain pickles (EDM2 snapshots)
     except (ModuleNotFoundError, ImportError) as exc:
         raise EDM2Error(f"{flag}: unpickling {path.name} needs the EDM2 code ({exc}); pass --edm2 PATH (an "
                         f"NVlabs/edm2 checkout) or set ${ENV_VAR}") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, OSError) as exc:
+    except Exception as exc:  # a damaged file fails in many ways, each the file's fault
         raise CheckpointError(f"{flag}: {path}: not a readable EDM2 snapshot ({type(exc).__name__}: {exc})") from None
     if isinstance(data, torch.nn.Module):
         net, encoder = data, None

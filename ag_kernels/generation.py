@@ -141,7 +141,8 @@ def _split(n: int, batch_size: int, world: int, how: str) -> List[range]:
     return out
 
 
-def _write_pngs(images: torch.Tensor, seeds: List[int], outdir: str, subdirs: bool = True) -> List[str]:
+def _write_pngs(images: torch.Tensor, seeds: List[int], outdir: str, subdirs: bool = True,
+                keep_existing: bool = False) -> List[str]:
     try:
         import numpy as np  # noqa: F401  (Tensor.numpy below needs it)
         from PIL import Image
@@ -156,9 +157,19 @@ def _write_pngs(images: torch.Tensor, seeds: List[int], outdir: str, subdirs: bo
     paths = []
     for seed, img in zip(seeds, hwc):
         path = _png_path(outdir, seed, subdirs)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(img[:, :, 0] if channels == 1 else img, "L" if channels == 1 else "RGB").save(path)
         paths.append(path)
+        if keep_existing and os.path.exists(path):
+            continue
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # Written under a temporary name, then renamed: an interrupted run never leaves a
+        # truncated PNG under a final name (os.replace is atomic on one file system).
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            Image.fromarray(img[:, :, 0] if channels == 1 else img, "L" if channels == 1 else "RGB").save(tmp, "PNG")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return paths
 
 
@@ -173,6 +184,7 @@ def generate(
     *,
     subdirs: bool = True,
     batch_split: str = "fixed",
+    skip_existing: bool = False,
     noise_shape=None,
     device=None,
     progress: bool = True,
@@ -197,6 +209,9 @@ def generate(
             mapped to [0, 255].
         outdir: if given, one PNG per seed is written to ``outdir/{seed - seed % 1000:06d}/{seed:06d}.png``
             (``subdirs=False``: ``outdir/{seed:06d}.png``, as EDM2's generator without --subdirs).
+        skip_existing: with outdir, resume an interrupted run: a batch whose PNGs all exist is not
+            sampled (and not yielded); a batch with some of them is sampled whole, as before (so a
+            batch-size-sensitive network computes the same), and only its missing PNGs are written.
         batch_split: "fixed" (default): consecutive batches of batch_size seeds, the same for any
             number of processes; "even": the EDM2 generator's split (as many batches as needed,
             a multiple of the process count, sizes differing by at most one), so a network whose
@@ -233,6 +248,10 @@ def generate(
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     if subdirs is not True and subdirs is not False:
         raise TypeError(f"subdirs must be True or False, got {subdirs!r}")
+    if skip_existing is not True and skip_existing is not False:
+        raise TypeError(f"skip_existing must be True or False, got {skip_existing!r}")
+    if skip_existing and outdir is None:
+        raise ValueError("skip_existing=True needs outdir: it skips the seeds whose PNGs are already there")
     if batch_split not in BATCH_SPLITS:
         raise ValueError(f"batch_split must be one of {BATCH_SPLITS}, got {batch_split!r}")
     if outdir is not None and not isinstance(outdir, (str, os.PathLike)):
@@ -293,6 +312,8 @@ def generate(
         mine = tqdm(mine, desc="generate", unit="batch")
 
     for batch_seeds in mine:
+        if skip_existing and all(os.path.exists(_png_path(os.fspath(outdir), seed, subdirs)) for seed in batch_seeds):
+            continue  # finished by an earlier run
         rng = SeedNoise(batch_seeds, device)
         # Noise first, then the class, as EDM2's generate_images draws them: for seeds below 2**32
         # a sample's starting noise is the one the reference pipeline draws on the same device.
@@ -319,5 +340,5 @@ def generate(
             if images is None:
                 raise ValueError(f"outdir: samples of shape {tuple(samples.shape)} are not images [B, C, H, W]; "
                                  "pass an encoder that decodes them, or outdir=None")
-            paths = _write_pngs(images, batch_seeds, os.fspath(outdir), subdirs)
+            paths = _write_pngs(images, batch_seeds, os.fspath(outdir), subdirs, keep_existing=skip_existing)
         yield GeneratedBatch(seeds=list(batch_seeds), labels=labels, samples=samples, images=images, paths=paths)

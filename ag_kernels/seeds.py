@@ -23,6 +23,9 @@ __all__ = ["SeedNoise", "parse_seeds"]
 # torch.Generator.manual_seed takes any 64-bit value; seeds are kept to non-negative int64 so
 # that they also fit a LongTensor and print the same everywhere.
 SEED_LIMIT = 2 ** 63
+#: At most this many seeds in one list (10 million images; EDM2's metrics use 50 thousand): a
+#: list of seeds is materialized, and "0-9223372036854775806" must be an error, not a MemoryError.
+MAX_SEEDS = 10_000_000
 
 
 def _check_seeds(seeds, name: str = "seeds") -> List[int]:
@@ -31,8 +34,12 @@ def _check_seeds(seeds, name: str = "seeds") -> List[int]:
         # A string is iterable but its characters are not seeds; parse_seeds reads the text form.
         raise TypeError(f"{name} must be a sequence of integers (use parse_seeds for text such as '0-63'), "
                         f"got {type(seeds).__name__}")
+    if hasattr(seeds, "__len__") and len(seeds) > MAX_SEEDS:
+        raise ValueError(f"{name}: {len(seeds):,} seeds is more than {MAX_SEEDS:,}; generate in several runs")
     out = []
     for i, s in enumerate(seeds):
+        if i >= MAX_SEEDS:
+            raise ValueError(f"{name}: more than {MAX_SEEDS:,} seeds; generate in several runs")
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(f"{name}[{i}] must be an integer, got {type(s).__name__}")
         s = int(s)
@@ -141,6 +148,7 @@ def parse_seeds(text: str) -> List[int]:
     if not text.strip():
         raise ValueError("seeds: empty text; expected e.g. '0-63' or '1,5,9'")
     out: List[int] = []
+    count = 0
     for part in text.split(","):
         m = _PART.match(part)
         if m is None:
@@ -152,5 +160,8 @@ def parse_seeds(text: str) -> List[int]:
             raise ValueError(f"seeds: reversed range {part.strip()!r} in {text!r}; write lo-hi with lo <= hi")
         if hi >= SEED_LIMIT:
             raise ValueError(f"seeds: {hi} in {text!r} is not below 2**63")
+        count += hi - lo + 1
+        if count > MAX_SEEDS:  # counted before anything is materialized
+            raise ValueError(f"seeds: {text!r} names more than {MAX_SEEDS:,} seeds; generate in several runs")
         out.extend(range(lo, hi + 1))
     return out
