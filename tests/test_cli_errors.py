@@ -178,14 +178,19 @@ def test_settings_file_refuses_other_settings_unless_forced(files, tmp_path, cap
 
 
 def test_real_sigint_at_random_times_leaves_no_truncated_images(files, tmp_path, gen):
-    """SIGINT delivered to a subprocess at random times: exit 130 (or 0 if it finished), every PNG complete."""
+    """SIGINT delivered to a subprocess at random times: exit 130 (or 0 if it finished), every PNG complete,
+    and --skip-existing then completes the set bitwise equal to an uninterrupted run."""
     rng = random.Random(int(torch.randint(2**31, (), generator=gen)))
     trials = int(os.environ.get("AG_TEST_INTERRUPTS", "4"))
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    more = ["--seeds", "0-199", "--batch", "2", "--steps", "6"]
+    clean = tmp_path / "clean"
+    assert subprocess.run([sys.executable, "-m", "ag_kernels"] + _argv(files, clean) + more, env=env,
+                          capture_output=True, timeout=300).returncode == 0
+    expected = _images(clean)
     for trial in range(trials):
         out = tmp_path / f"run{trial}"
-        argv = [sys.executable, "-m", "ag_kernels"] + _argv(files, out) + ["--seeds", "0-199", "--batch", "2",
-                                                                          "--steps", "6"]
+        argv = [sys.executable, "-m", "ag_kernels"] + _argv(files, out) + more
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         # Wait until the first image exists (imports done), then interrupt at a random moment.
         deadline = time.time() + 120
@@ -202,6 +207,10 @@ def test_real_sigint_at_random_times_leaves_no_truncated_images(files, tmp_path,
         for p in out.rglob("*.png"):
             with Image.open(p) as im:
                 im.load()  # a truncated PNG raises here
+        resumed = subprocess.run(argv + ["--skip-existing"], env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        got = _images(out)
+        assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
 
 
 def test_torchrun_rank_death_then_resume(tmp_path):
