@@ -15,7 +15,20 @@ from ag_kernels import reference
 from ag_kernels._backends import _unavailable_reason
 
 W, T_CUR, T_NEXT = 2.1, 1.25, 0.9
-D_DTYPES = (torch.float32, torch.bfloat16)
+
+def _dtypes(names: str) -> tuple:
+    out = []
+    for name in names.split(","):
+        dtype = getattr(torch, name.strip(), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"AG_BENCH_D_DTYPES: unknown dtype {name!r} (e.g. float32,bfloat16,float16)")
+        out.append(dtype)
+    return tuple(out)
+
+
+#: Network-output dtypes of the step-op configurations; AG_BENCH_D_DTYPES="float32,bfloat16,float16"
+#: overrides (the --gpu profile measures all three).
+D_DTYPES = _dtypes(os.environ.get("AG_BENCH_D_DTYPES", "float32,bfloat16"))
 
 # The run's device (CUDA when present, as bench/results/<device-slug> is named after it);
 # AG_BENCH_DEVICES="cpu,cuda" measures both.

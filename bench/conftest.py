@@ -69,10 +69,25 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 #: Files in this order (pytest's own is alphabetical): the step ops before the host-overhead cases,
 #: so the step ops' torch.compile times stay cold compiles; host overhead reuses the compile cache
-#: where sizes coincide (its compile times are not reported).
-_FILE_ORDER = ("test_sampler.py", "test_step_ops.py", "test_host_overhead.py")
+#: where sizes coincide (its compile times are not reported).  The engine (whole sampler on UNets) last.
+_FILE_ORDER = ("test_sampler.py", "test_step_ops.py", "test_host_overhead.py", "test_engine.py")
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_FILE_ORDER)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps each file's order
+
+
+_SKIPPED = []
+
+
+def pytest_runtest_logreport(report):
+    """Remember skipped cases and why, for the report (pytest-benchmark's JSON lists only cases that ran)."""
+    if report.skipped and report.when in ("setup", "call"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        _SKIPPED.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = list(_SKIPPED)

@@ -8,7 +8,10 @@ formula and over ``torch.compile`` of it.  Host overhead: per op, size and D dty
 the public op with ``out=``, the raw custom op, the eager formula into buffers and torch.compile
 of it; the public op's budget ``1.5 * raw + 3 us`` and whether it is met.  Sampler: images (or
 point batches) per second, the speed-up over the eager reference loop, and the measured agreement
-of the two outputs.
+of the two outputs.  Engine (bench/test_engine.py): the whole guided sampler per batch, the
+edm2-style eager loop against GuidedSampler's eager, graph, graph+overlap and graph+overlap+compile
+modes: speed-ups, first-call (capture/compile) times, agreement, and the cases that did not run
+here and why.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -70,16 +74,52 @@ def _host_rows(group: str, rows: list) -> list:
     return out
 
 
+#: Issue 14's goals for the whole guided sampler on an H100: speed-up over the edm2-style eager loop per batch.
+ENGINE_TARGETS = {1: 3.0, 8: 2.0, 64: 1.2}
+#: Issue 14's goals for the step ops from this size on: share of the copy bandwidth, and ext vs Triton.
+STEP_GOAL_MIN_N, COPY_GOAL, EXT_VS_TRITON = 2**24, 0.9, 1.05
+_ENGINE_ID = re.compile(r"test_engine\[(?P<device>[^-\]]+)-b(?P<batch>\d+)-(?P<case>\w+)\]")
+
+
+def _engine_rows(group: str, rows: list) -> list:
+    medians = {r["extra_info"]["case"]: r["stats"]["median"] for r in rows}
+    out = []
+    for r in rows:
+        e, median = r["extra_info"], r["stats"]["median"]
+        out.append({
+            "group": group, "device": e["device"], "nets": e.get("nets"), "net_dtype": e.get("net_dtype"),
+            "latent": e.get("latent"), "batch": e["batch"], "case": e["case"], "steps": e["steps"],
+            "guidance": e["guidance"], "median_s": median, "images_per_s": e["batch"] / median,
+            "speedup_vs_edm2_eager": medians["edm2_eager"] / median if "edm2_eager" in medians else None,
+            "speedup_vs_eager": medians["eager"] / median if "eager" in medians else None,
+            "first_call_s": e.get("first_call_s"), "mode": e.get("mode"), "fallback_reason": e.get("fallback_reason"),
+            "vs": e.get("vs"), "max_rel_diff": e.get("max_rel_diff"), "max_rel_diff_fp32": e.get("max_rel_diff_fp32"),
+        })
+    return out
+
+
+def _engine_skipped(skipped: list) -> list:
+    out = []
+    for s in skipped:
+        m = _ENGINE_ID.search(s["test"])
+        if m:
+            out.append({"device": m["device"], "batch": int(m["batch"]), "case": m["case"], "reason": s["reason"]})
+    return out
+
+
 def summarize(raw: dict, **meta) -> dict:
     """The rows of results.json from pytest-benchmark's JSON (``raw``) and run metadata."""
     info = raw.get("machine_info", {}).get("ag_kernels", {})
     groups = OrderedDict()
     for b in raw["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
-    step_rows, sampler_rows, host_rows = [], [], []
+    step_rows, sampler_rows, host_rows, engine_rows = [], [], [], []
     for group, rows in groups.items():
         if group.startswith("host "):
             host_rows += _host_rows(group, rows)
+            continue
+        if group.startswith("engine "):
+            engine_rows += _engine_rows(group, rows)
             continue
         medians = {r["extra_info"]["case"]: r["stats"]["median"] for r in rows}
         if group.startswith("sampler"):
@@ -110,7 +150,10 @@ def summarize(raw: dict, **meta) -> dict:
                 "compile_s": e.get("compile_s"),
             })
     host_rows.sort(key=lambda r: (r["device"], r["op"], r["backend"], r["d_dtype"] != "float32", r["d_dtype"], r["n"]))
-    return {**info, **meta, "step_ops": step_rows, "host_overhead": host_rows, "sampler": sampler_rows}
+    order = {c: i for i, c in enumerate(("edm2_eager", "eager", "graph", "graph_overlap", "graph_overlap_compile"))}
+    engine_rows.sort(key=lambda r: (r["device"], r["batch"], order.get(r["case"], len(order)), r["case"]))
+    return {**info, **meta, "step_ops": step_rows, "host_overhead": host_rows, "sampler": sampler_rows,
+            "engine": engine_rows, "engine_skipped": _engine_skipped(raw.get("skipped", []))}
 
 
 def _count(rows, test) -> str:
@@ -170,6 +213,11 @@ def markdown(summary: dict) -> str:
         "Medians of pytest-benchmark rounds; every case of a group ran side by side in one run on the same tensors.",
         "",
     ]
+    if summary.get("minutes") is not None:
+        lines[-2] += f" The whole run took {summary['minutes']} min."
+    if summary.get("incomplete"):
+        lines += [f"**Incomplete: {summary['incomplete']}.** Rows of cases that failed before their timing are "
+                  "missing; see the run's log.", ""]
     if summary["step_ops"]:
         lines += [
             "## Step ops",
@@ -188,6 +236,7 @@ def markdown(summary: dict) -> str:
                      _opt(r["speedup_vs_compile"], "{:.2f}"), _opt(r["compile_s"], "{:.1f} s")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _step_goals(summary["step_ops"])
     if summary.get("host_overhead"):
         lines += _host_markdown(summary["host_overhead"])
     if summary["sampler"]:
@@ -209,7 +258,84 @@ def markdown(summary: dict) -> str:
                      _opt(r["max_rel_diff_vs_eager"], "{:.1e}"), _opt(r["max_rel_diff_vs_eager_fp32"], "{:.1e}")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if summary.get("engine") or summary.get("engine_skipped"):
+        lines += _engine_markdown(summary.get("engine", []), summary.get("engine_skipped", []))
     return "\n".join(lines)
+
+
+def _step_goals(rows: list) -> list:
+    """Issue 14's step-op goals, counted over the configurations from STEP_GOAL_MIN_N elements on."""
+    large = [r for r in rows if r["n"] >= STEP_GOAL_MIN_N]
+    lines = []
+    for backend in ("ext", "triton"):
+        mine = [r for r in large if r["case"] == backend]
+        if not mine:
+            continue
+        copy = [r for r in mine if r["copy_fraction"] is not None]
+        comp = [r for r in mine if r["speedup_vs_compile"] is not None]
+        lines.append(f"- `{backend}` from 2^{int(math.log2(STEP_GOAL_MIN_N))} elements: at >= {COPY_GOAL:.0%} of the copy "
+                     f"bandwidth in {_count(copy, lambda r: r['copy_fraction'] >= COPY_GOAL)} configurations; "
+                     f"at least as fast as compile in {_count(comp, lambda r: r['speedup_vs_compile'] >= 1)}.")
+    medians = {(r["op"], r["n"], r["d_dtype"], r["case"]): r["median_s"] for r in large}
+    pairs = [(v, medians[k[:3] + ("triton",)]) for k, v in medians.items() if k[3] == "ext" and k[:3] + ("triton",) in medians]
+    if pairs:
+        lines.append(f"- `ext` within {EXT_VS_TRITON - 1:.0%} of `triton` or faster in "
+                     f"{sum(1 for e, t in pairs if e <= EXT_VS_TRITON * t)} of {len(pairs)} configurations from "
+                     f"2^{int(math.log2(STEP_GOAL_MIN_N))} elements.")
+    return lines + [""] if lines else []
+
+
+def _engine_markdown(rows: list, skipped: list) -> list:
+    lines = [
+        "## Engine: whole guided sampler",
+        "",
+        "`edm2_eager`: `ag_kernels.reference.torch_edm_sampler`, the EDM2 reference loop op by op (the baseline). "
+        "`eager`: `GuidedSampler(cuda_graph=False, overlap=False)`; `graph`: `cuda_graph=True`; `graph_overlap`: "
+        "graphs with the guide on a second stream; `graph_overlap_compile`: also `compile=True`. Same networks, noise "
+        "and labels; Heun, guidance 2.0. `first call`: the first call of the case, timed on its own and not in the "
+        "median (capture for graphs, compile and capture for compile, lazy initialization for eager). "
+        "`max rel diff` (max |a - b| / max |b|) is against the case in `vs`, with the 16-bit networks (only "
+        "reported: a last-bit difference can flip a 16-bit rounding inside a network); `fp32 check` the same with "
+        "float32 networks, asserted <= 1e-5 (`-`: not checked at this batch or case).",
+        "",
+        "| nets | batch | case | median | samples/s | x edm2_eager | x eager | first call | mode | vs | max rel diff | fp32 check |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        mode = r["mode"] or "-"
+        if r["case"].startswith("graph") and r["mode"] != "graph":
+            mode = f"**{mode}: {r['fallback_reason']}**"
+        cells = [r["nets"] or "-", str(r["batch"]), r["case"], _fmt_time(r["median_s"]), f"{r['images_per_s']:.2f}",
+                 _opt(r["speedup_vs_edm2_eager"], "{:.2f}"), _opt(r["speedup_vs_eager"], "{:.2f}"),
+                 _opt_time(r["first_call_s"]), mode, r["vs"] or "-",
+                 _opt(r["max_rel_diff"], "{:.1e}"), _opt(r["max_rel_diff_fp32"], "{:.1e}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    by_batch = OrderedDict()
+    for r in rows:
+        if r["case"] != "edm2_eager" and r["speedup_vs_edm2_eager"] is not None:
+            by_batch.setdefault((r["device"], r["batch"]), []).append(r)
+    for (device, batch), mine in by_batch.items():
+        best = max(mine, key=lambda r: r["speedup_vs_edm2_eager"])
+        target = ENGINE_TARGETS.get(batch)
+        goal = ""
+        if target is not None and device == "cuda":  # the goals are for a GPU; a CPU run is not compared
+            verdict = "met" if best["speedup_vs_edm2_eager"] >= target else "**not met**"
+            goal = f"; issue 14's goal on an H100 is >= {target:g}x: {verdict}"
+        lines.append(f"- batch {batch}: fastest `{best['case']}`, {best['speedup_vs_edm2_eager']:.2f}x the edm2-style eager loop{goal}.")
+    if by_batch:
+        lines.append("")
+    if skipped:
+        reasons = OrderedDict()
+        for s in skipped:
+            reasons.setdefault(s["reason"], []).append(s)
+        lines.append("Not run here:")
+        for reason, items in reasons.items():
+            cases = OrderedDict((s["case"], None) for s in items)
+            batches = sorted({s["batch"] for s in items})
+            lines.append(f"- {', '.join(f'`{c}`' for c in cases)} (batch {', '.join(map(str, batches))}): {reason}")
+        lines.append("")
+    return lines
 
 
 def plot(summary: dict, path) -> Path:
@@ -226,7 +352,8 @@ def plot(summary: dict, path) -> Path:
     for r in summary.get("host_overhead", []):
         if r["d_dtype"] == "float32":
             host_panels.setdefault((r["op"], r["backend"]), []).append(r)
-    ncols = len(panels) + len(host_panels) + (1 if summary["sampler"] else 0)
+    engine = [r for r in summary.get("engine", []) if r["case"] != "edm2_eager" and r["speedup_vs_edm2_eager"] is not None]
+    ncols = len(panels) + len(host_panels) + (1 if summary["sampler"] else 0) + (1 if engine else 0)
     fig, axes = plt.subplots(1, max(ncols, 1), figsize=(4.2 * max(ncols, 1), 3.8), squeeze=False)
     axes = list(axes[0])
     for ax, ((op, dtype), rows) in zip(axes, panels.items()):
@@ -266,6 +393,14 @@ def plot(summary: dict, path) -> Path:
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("edm_sampler speed-up vs eager loop")
         ax.set_title("whole sampler", fontsize=10)
+    if engine:
+        ax = axes[ncols - 1]
+        ax.bar(range(len(engine)), [r["speedup_vs_edm2_eager"] for r in engine], color="tab:blue")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(engine)))
+        ax.set_xticklabels([f"b{r['batch']} {r['case']}" for r in engine], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up vs edm2-style eager loop")
+        ax.set_title("engine: whole guided sampler", fontsize=10)
     fig.suptitle(f"{summary.get('device')} - torch {summary.get('torch')} - {summary.get('date')}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     path = Path(path)

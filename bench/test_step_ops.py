@@ -4,12 +4,17 @@ Cases of one group run side by side in one session on the same tensors, so their
 meaningful; bytes moved (each input read once, the output written once) go into extra_info for
 bench/report.py.  Sizes: 2**12 to 2**26 elements in steps of 4x on a GPU; on a CPU 2**12 to 2**24
 in steps of 16x, so the suite stays short there (AG_BENCH_NUMEL="n1,n2,..." overrides both).
+Network-output dtypes float32 and bfloat16 (AG_BENCH_D_DTYPES adds float16: ``python -m bench --gpu``
+measures 2**16 to 2**26 with float32, bfloat16 and float16 and the cases copy, eager, compile,
+triton and ext only, AG_BENCH_STEP_CASES).
 
 The "compile" case is ``torch.compile`` (inductor, static shapes) of the same eager formula; its
 first call, the compilation, is timed on its own and recorded as ``compile_s``, and is not part of
 the benchmark rounds.  ``python -m bench`` starts with empty inductor/Triton caches, so that is a
 cold compile (a plain pytest run uses whatever caches it finds).
 """
+
+import os
 
 import pytest
 
@@ -26,9 +31,14 @@ CONFIGS = [
 ]
 
 
+#: AG_BENCH_STEP_CASES="copy,eager,compile,triton,ext" keeps only the cases named (the --gpu profile's set).
+_ONLY = [c for c in os.environ.get("AG_BENCH_STEP_CASES", "").split(",") if c]
+
+
 def _cases(device, n):
     fast = fast_backends(device)
-    return ["copy", "eager", "compile", "eager_noalloc"] + fast + [f"{b}_alloc" for b in fast]
+    cases = ["copy", "eager", "compile", "eager_noalloc"] + fast + [f"{b}_alloc" for b in fast]
+    return [c for c in cases if c in _ONLY] if _ONLY else cases
 
 
 def _bench(benchmark, op, device, n, d_dtype, case):

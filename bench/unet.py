@@ -9,7 +9,8 @@ same network, not image quality.
 
 :data:`SIZES` gives the configurations: "xs" (~125M parameters) and "s" (~280M) at 64x64x4
 latents for GPUs, as EDM2-XS and EDM2-S; "cpu-xs" and "cpu-s" are shrunk so the suite stays short
-on a CPU.  :class:`Autocast` runs a network under ``torch.autocast`` (bf16) as EDM2 samples.
+on a CPU.  :class:`Autocast` runs a network under ``torch.autocast`` (bf16 by default, or float16 as EDM2's
+networks run: the engine benchmark, bench/test_engine.py).
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ class UNet(nn.Module):
 
 
 class Autocast(nn.Module):
-    """Run ``net`` under ``torch.autocast(dtype)``; D stays float32 (the preconditioning runs outside the 16-bit convs, as in EDM2)."""
+    """Run ``net`` under ``torch.autocast(dtype)``; D stays float32 (the preconditioning runs outside the 16-bit convs, as in EDM2).
+
+    ``enabled = False`` runs it in plain float32 (the benchmarks' exact agreement checks).
+    """
 
     def __init__(self, net: nn.Module, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -151,10 +155,14 @@ class Autocast(nn.Module):
             return self.net(x, sigma, class_labels)
 
 
-def make_pair(main: str, guide: str, device, *, autocast: bool = True):
-    """(main, guide) networks of the named sizes on ``device``, in eval mode, random weights."""
+def make_pair(main: str, guide: str, device, *, autocast: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """(main, guide) networks of the named sizes on ``device``, in eval mode, random weights.
+
+    ``autocast``: wrap each in :class:`Autocast` with ``dtype`` (bf16 by default; the engine
+    benchmark uses float16, as EDM2's networks run).
+    """
     nets = []
     for name, seed in ((main, 1), (guide, 2)):
         net = UNet(**SIZES[name], seed=seed).to(device).eval().requires_grad_(False)
-        nets.append(Autocast(net) if autocast else net)
+        nets.append(Autocast(net, dtype) if autocast else net)
     return tuple(nets)
