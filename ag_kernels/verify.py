@@ -24,7 +24,7 @@ from ._backends import available_backends, resolve_backend
 from .nets import TinyDenoiser
 from .sampler import edm_sampler
 
-__all__ = ["ReferenceSamplerError", "load_reference_sampler", "verify", "format_table", "add_arguments", "run", "main"]
+__all__ = ["ReferenceSamplerError", "load_reference_sampler", "load_reference_module", "verify", "format_table", "add_arguments", "run", "main"]
 
 # Churn is applied only for t in [S_MIN, S_MAX] (EDM, Algorithm 2), so a churned run also has
 # steps at both ends of the schedule without churn.
@@ -54,6 +54,22 @@ def _pip_hint(module: str) -> str:
 def load_reference_sampler(edm2_path) -> Callable:
     """``edm_sampler`` from ``generate_images.py`` in an EDM2 checkout at ``edm2_path``.
 
+    See :func:`load_reference_module` for how the file is imported.
+
+    Raises:
+        ReferenceSamplerError: as :func:`load_reference_module`, or there is no ``edm_sampler``.
+    """
+    module = load_reference_module(edm2_path)
+    sampler = getattr(module, "edm_sampler", None)
+    if not callable(sampler):
+        raise ReferenceSamplerError(f"--edm2: {str(module.__file__)!r} has no function edm_sampler; "
+                                    "is this an NVlabs/edm2 checkout?")
+    return sampler
+
+
+def load_reference_module(edm2_path):
+    """The module ``generate_images.py`` of an EDM2 checkout at ``edm2_path``, freshly imported.
+
     ``edm2_path`` is the checkout's root (the folder holding ``generate_images.py``; a path to
     that file itself also works).  The root is put on ``sys.path`` while the file is imported,
     since the file imports the checkout's own packages (``dnnlib``, ``torch_utils``); ``sys.path``
@@ -62,8 +78,8 @@ def load_reference_sampler(edm2_path) -> Callable:
     (guarded by ``__name__ == "__main__"``) does not run.
 
     Raises:
-        ReferenceSamplerError: the path does not exist, has no generate_images.py, the import fails
-            (naming a missing module, e.g. ``click``), or there is no ``edm_sampler``.
+        ReferenceSamplerError: the path does not exist, has no generate_images.py, or the import fails
+            (naming a missing module, e.g. ``click``).
     """
     root = Path(edm2_path).expanduser()
     if not root.exists():
@@ -105,11 +121,7 @@ def load_reference_sampler(edm2_path) -> Callable:
         raise ReferenceSamplerError(f"--edm2: importing {str(file)!r} raised {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path[:] = saved_path
-    sampler = getattr(module, "edm_sampler", None)
-    if not callable(sampler):
-        raise ReferenceSamplerError(f"--edm2: {str(file)!r} has no function edm_sampler; "
-                                    "is this an NVlabs/edm2 checkout?")
-    return sampler
+    return module
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -341,6 +353,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generate", action="store_true",
+                   help="instead: compare `python -m ag_kernels generate` with the checkout's generate_images(), "
+                        "file by file (see verify --edm2 PATH --generate -h)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -393,7 +408,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m ag_kernels verify`` as a function: parse ``argv`` and :func:`run`."""
+    """``python -m ag_kernels verify`` as a function: parse ``argv`` and :func:`run`.
+
+    With ``--generate``, the end-to-end check of :mod:`ag_kernels.verify_generate` instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--generate" in argv:
+        from . import verify_generate
+
+        return verify_generate.main(argv)
     parser = argparse.ArgumentParser(prog="python -m ag_kernels verify", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))
