@@ -233,7 +233,10 @@ def generate(
 
     Per batch, each seed's generator draws, in this order: its noise (``randn(noise_shape)``), its
     class (``randint(label_dim)``, when label_dim > 0, also when class_idx fixes the class, so that
-    the churn noise does not depend on class_idx), then the churn noise, step by step.
+    the churn noise does not depend on class_idx), then the churn noise, step by step.  The
+    generator is seeded with ``seed % 2**32``, as EDM2's generate_images seeds its own: the CPU
+    generator only uses the low 32 bits anyway, while a CUDA generator would draw another stream
+    for a seed >= 2**32 than the reference does.  (File names keep the whole seed.)
 
     Distributed: when torch.distributed is initialized, or when launched by torchrun (WORLD_SIZE
     > 1; the default process group is then initialized, NCCL on CUDA, Gloo on the CPU), rank r
@@ -314,9 +317,9 @@ def generate(
     for batch_seeds in mine:
         if skip_existing and all(os.path.exists(_png_path(os.fspath(outdir), seed, subdirs)) for seed in batch_seeds):
             continue  # finished by an earlier run
-        rng = SeedNoise(batch_seeds, device)
-        # Noise first, then the class, as EDM2's generate_images draws them: for seeds below 2**32
-        # a sample's starting noise is the one the reference pipeline draws on the same device.
+        # Seeded as EDM2's generate_images seeds (seed mod 2**32), and drawing noise first, then the
+        # class, as it does: a sample's starting noise is the one the reference draws on the device.
+        rng = SeedNoise([s % 2 ** 32 for s in batch_seeds], device)
         noise = rng.randn(noise_shape)
         labels = None
         if label_dim > 0:

@@ -459,8 +459,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where both generators run: cpu, cuda, cuda:1, ... (default cuda if available)")
     p.add_argument("--backend", default="auto", help="our sampler backend (auto, torch, triton, ext)")
-    p.add_argument("--seeds", default="0-5,997-1003",
-                   help="seeds for every configuration (default 0-5,997-1003: across 1000, for --subdirs)")
+    p.add_argument("--seeds", default="0-5,997-1003,4294967298",
+                   help="seeds for every configuration (default 0-5,997-1003,4294967298: across 1000 for "
+                        "--subdirs, and one above 2**32, which the reference takes mod 2**32)")
     p.add_argument("--batch", type=int, default=5, help="maximum batch size, --batch of both (default 5)")
     p.add_argument("--steps", type=int, default=32, help="sampler steps (default 32, the reference's default)")
     p.add_argument("--resolution", type=int, default=16, help="image resolution of the test snapshots (default 16)")

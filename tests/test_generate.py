@@ -236,7 +236,7 @@ def test_generate_follows_the_documented_recipe(gen):
     seeds = random_seeds(gen, 4)
     for class_idx in (None, 2):
         (batch,) = generate(net, gnet, seeds, batch_size=4, class_idx=class_idx, progress=False, **SAMPLER_KW)
-        rng = SeedNoise(seeds)
+        rng = SeedNoise([s % 2 ** 32 for s in seeds])  # EDM2's seeding
         noise = rng.randn((3, 8, 8))
         classes = rng.randint(4)
         if class_idx is not None:
@@ -246,6 +246,35 @@ def test_generate_follows_the_documented_recipe(gen):
         assert torch.equal(batch.labels, labels) and batch.labels.dtype == torch.float32
         assert torch.equal(batch.samples, expected)
         assert torch.equal(batch.images, (expected * 127.5 + 128).clip(0, 255).to(torch.uint8))
+
+
+def test_generate_seeds_generators_mod_2_32_as_edm2(tmp_path, monkeypatch):
+    # EDM2's generate_images seeds each generator with seed % 2**32; on CUDA a 64-bit seed would
+    # give another stream (on the CPU torch uses the low 32 bits anyway).  File names keep the seed.
+    import ag_kernels.generation as generation
+
+    seen = []
+
+    class Recording(SeedNoise):
+        def __init__(self, seeds, device="cpu"):
+            seen.extend(seeds)
+            super().__init__(seeds, device)
+
+    monkeypatch.setattr(generation, "SeedNoise", Recording)
+    net, gnet = nets(3)
+    seeds = [2 ** 32 + 5, 7, 2 ** 40 + 3]
+    (batch,) = generate(net, gnet, seeds, batch_size=3, outdir=tmp_path, subdirs=False, progress=False, num_steps=2)
+    assert seen == [5, 7, 3] and batch.seeds == seeds
+    assert batch.paths[0] == str(tmp_path / "4294967301.png")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators use all 64 bits of a seed")
+def test_generate_seed_above_2_32_on_cuda_is_edm2s():
+    net, gnet = (n.cuda() for n in nets(3))
+    kw = dict(batch_size=1, progress=False, num_steps=3, S_churn=10, device="cuda")
+    (big,) = generate(net, gnet, [2 ** 32 + 5], **kw)
+    (small,) = generate(net, gnet, [5], **kw)
+    assert torch.equal(big.samples, small.samples)
 
 
 def test_generate_labels_per_seed_and_class_idx(gen):
