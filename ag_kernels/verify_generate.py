@@ -184,7 +184,11 @@ def _reference_kwargs(cfg: GenConfig, paths, seeds, batch, num_steps, outdir) ->
 
 
 def _files(folder: Path) -> List[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The files a run wrote, less our settings record (the reference writes none; it is not an image)."""
+    from .cli_generate import SETTINGS_FILE
+
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() != SETTINGS_FILE)
 
 
 def compare_outputs(ref_dir, our_dir) -> dict:
@@ -480,7 +484,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 every comparison meets the goals, 1 one does not, 2 bad input (a one-line error on stderr)."""
     from .edm2 import EDM2Error, find_checkout, use_checkout
-    from .__main__ import torch_device
+    from .cli_generate import torch_device
     from .seeds import parse_seeds
 
     def fail(message: str) -> int:
