@@ -24,8 +24,10 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -116,6 +118,110 @@ def _is_torchscript(path: Path) -> bool:
         return False
     return any(n == "constants.pkl" or n.endswith("/constants.pkl") or n.startswith("code/") or "/code/" in n
                for n in names)
+
+
+#: Length-prefixed pickle arguments (pickletools' argument kinds): (prefix width, struct format).
+_PICKLE_LENGTH_PREFIXES = {
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, "<B"),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, "<i"),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, "<I"),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, "<Q"),
+}
+_PICKLE_OPS = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+
+
+def _pickle_size_hazard(data: bytes):
+    """Why reading the pickle ``data`` could allocate far more than ``len(data)``, or None.
+
+    TorchScript's C++ unpickler trusts two numbers in a pickle: it allocates (and zero-fills) a
+    string as long as a BINUNICODE's 4-byte length prefix before reading it, and grows its memo
+    table up to a LONG_BINPUT's 4-byte index; one damaged byte in a 10 KB archive can ask for
+    gigabytes.  This walks the opcodes (decoding only, as pickletools does) and reports a length
+    prefix larger than the bytes that follow it, or a memo index larger than the pickle (a pickler
+    numbers its memo entries from 0, one per PUT, so no real index comes near the byte count).
+    Any other damage (unknown opcode, cut-off argument, no STOP) returns None: the loader itself
+    reports it, as before.
+    """
+    pos, end = 0, len(data)
+    while pos < end:
+        op = _PICKLE_OPS.get(data[pos:pos + 1])
+        if op is None:
+            return None
+        start, pos = pos, pos + 1
+        if op.name == "STOP":
+            return None
+        if op.arg is None:
+            continue
+        n = op.arg.n
+        if n >= 0:
+            if pos + n > end:
+                return None
+            if op.name == "LONG_BINPUT":
+                (index,) = struct.unpack_from("<I", data, pos)
+                if index > end:
+                    return f"LONG_BINPUT at byte {start} of a {end}-byte pickle sets memo index {index}"
+            pos += n
+        elif n == pickletools.UP_TO_NEWLINE:
+            # GLOBAL and INST take two newline-terminated strings ("module\nname\n"), the others one
+            for _ in range(2 if op.arg is pickletools.stringnl_noescape_pair else 1):
+                newline = data.find(b"\n", pos)
+                if newline < 0:
+                    return None
+                pos = newline + 1
+        else:
+            width, fmt = _PICKLE_LENGTH_PREFIXES[n]
+            if pos + width > end:
+                return None
+            (length,) = struct.unpack_from(fmt, data, pos)
+            pos += width
+            if length < 0:
+                return None
+            if length > end - pos:
+                return (f"{op.name} at byte {start} declares {length} bytes, but only {end - pos} bytes of the "
+                        "pickle follow")
+            pos += length
+    return None
+
+
+def _raw_record(f, info: zipfile.ZipInfo):
+    """The bytes of one zip record as torch's reader sees them (no CRC check, which torch does not do either);
+    None when the record cannot be read (torch.jit.load then reports the damage itself)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack_from("<HH", header, 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.compress_size > os.fstat(f.fileno()).st_size:  # a damaged size: never read past the file
+        return None
+    f.seek(start)
+    raw = f.read(info.compress_size)
+    if info.compress_type == zipfile.ZIP_STORED:
+        return raw
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        try:
+            # (max_length 0 would mean no limit)
+            return zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, max(info.file_size, 1))
+        except zlib.error:
+            return None
+    return None
+
+
+def _torchscript_size_hazard(path: Path):
+    """The first pickle record of a TorchScript archive that would make torch.jit.load allocate far beyond the
+    file's size (see :func:`_pickle_size_hazard`), as "record: reason"; None if there is none."""
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith((".pkl", ".debug_pkl")):
+                    continue
+                data = _raw_record(f, info)
+                reason = None if data is None else _pickle_size_hazard(data)
+                if reason:
+                    return f"{info.filename}: {reason}"
+    except Exception:  # a damaged zip fails in many ways; torch.jit.load then reports the damage itself
+        return None
+    return None
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -242,6 +348,12 @@ def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_
     device = torch.device(device)
 
     if _is_torchscript(path):
+        # torch.jit.load's unpickler would allocate what a damaged length or memo index asks for before it
+        # finds the archive too short (a code .debug_pkl is unpickled later, when the module's code is shown):
+        # refuse such a file before it gets there.
+        hazard = _torchscript_size_hazard(path)
+        if hazard:
+            raise CheckpointError(f"{path}: not a loadable TorchScript archive: {hazard}")
         with warnings.catch_warnings():
             # torch >= 2.9 flags all of torch.jit as deprecated; loading an archive the user
             # chose is still supported, and the warning is not something they can act on here.

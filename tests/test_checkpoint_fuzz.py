@@ -17,10 +17,12 @@ import os
 import pickle
 import random
 import resource
+import struct
 import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -216,6 +218,69 @@ def test_mutated_checkpoint_corpus(tmp_path, gen):
     assert result["loaded"] + result["checkpoint_error"] == result["files"]
     assert result["checkpoint_error"] > result["files"] // 2 and result["loaded"] > 0
     assert result["peak_added_mb"] < PEAK_BUDGET_MB, result
+
+
+#: Pickle records that a TorchScript archive's unpickler would read into gigabytes: a string whose 4-byte
+#: length prefix says 256 MiB (it is zero-filled before the unpickler finds the record too short), and a
+#: memo index of 2**24 (the memo table grows to it, 16 bytes a slot).  {case: (record suffix, pickle bytes)}
+_SIZE_HAZARDS = {
+    "constants_string": ("/constants.pkl", b"\x80\x02X" + struct.pack("<I", 2**28) + b"abc"),
+    "debug_pkl_string": (".debug_pkl", b"\x80\x02X" + struct.pack("<I", 2**28) + b"abc"),
+    "constants_memo": ("/constants.pkl", b"\x80\x02Nr" + struct.pack("<I", 2**24) + b"(t."),
+}
+
+
+def load_peak(good: str, path: str) -> dict:
+    """Load ``good`` (the loader's fixed costs), then ``path`` and read a TorchScript module's code (torch
+    unpickles its debug_pkl only then): the outcome and the peak memory it added."""
+    from ag_kernels.checkpoint import CheckpointError, load_net
+
+    getattr(load_net(good), "code", None)
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        getattr(load_net(path), "code", None)
+        outcome = "loaded"
+    except CheckpointError as exc:
+        outcome = f"CheckpointError: {exc}"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(outcome=outcome, peak_added_mb=(peak_kb - baseline_kb) / 1024)
+
+
+@pytest.mark.parametrize("case", sorted(_SIZE_HAZARDS))
+def test_torchscript_pickle_sizes_checked_before_loading(tmp_path, case):
+    """A TorchScript archive whose pickle (constants.pkl, or the debug_pkl of its code) declares a 256 MiB string
+    or memo index in a few bytes: CheckpointError naming the record, without allocating that much (seed
+    167863855's corpus hit this: an overwrite left a BINUNICODE length of 3.8e9 in constants.pkl; a debug_pkl
+    is read lazily, when the loaded module's code is shown).  The files load in a fresh subprocess."""
+    import zipfile
+
+    from ag_kernels.nets import TinyDenoiser
+
+    suffix, payload = _SIZE_HAZARDS[case]
+    good, path = tmp_path / "script.pt", tmp_path / f"{case}.pt"
+    net = TinyDenoiser(img_channels=1, img_resolution=4, channels=4, seed=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in torch >= 2.9; its archives still load
+        torch.jit.trace(net, (torch.randn(1, 1, 4, 4), torch.tensor(1.0))).save(str(good))
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(path, "w") as zout:
+        replaced = [info.filename for info in zin.infolist() if info.filename.endswith(suffix)]
+        for info in zin.infolist():
+            data = payload if info.filename in replaced else zin.read(info)
+            zout.writestr(info.filename, data, compress_type=info.compress_type)
+    assert len(replaced) == 1, replaced
+    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import test_checkpoint_fuzz as t; "
+            f"print(json.dumps(t.load_peak({str(good)!r}, {str(path)!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["peak_added_mb"] < PEAK_BUDGET_MB, result
+    opcode = "LONG_BINPUT" if case.endswith("memo") else "BINUNICODE"
+    assert result["outcome"].startswith("CheckpointError: "), result
+    assert f"{case}.pt: not a loadable TorchScript archive: {replaced[0]}: {opcode} at byte " in result["outcome"], \
+        result
 
 
 def test_huge_kwargs_refused_before_allocation(tmp_path):
