@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ag_kernels.toy import CLASSES, GaussianMixture, tree_mixture
+from ag_kernels.toy import CLASSES, TREE_LEVELS, GaussianMixture, tree_depths, tree_mixture
 
 F64 = torch.float64
 
@@ -19,39 +19,67 @@ def _grid(half: float, n: int):
 
 
 # --------------------------------------------------------------------------- construction
-def test_construction_counts_and_weight_halving():
+def test_construction_counts_widths_and_level_weights():
     a, b, ab = (tree_mixture(c) for c in CLASSES)
     assert tree_mixture("A") is a  # cached
-    assert len(a) == len(b) == 189 and len(ab) == 378
+    assert TREE_LEVELS == 7
+    assert len(a) == len(b) == 127 * 8 and len(ab) == 2 * 127 * 8
     for m in (a, b, ab):
         assert m.weights.dtype == m.means.dtype == m.covs.dtype == F64
         assert abs(float(m.weights.sum()) - 1) < 1e-12
         assert bool((torch.linalg.eigvalsh(m.covs) > 0).all())
-    # Distinct weights: one per depth 0..5, each 4x the next; depth d holds 3 * 2^d components,
-    # so the total mass per depth halves.
-    vals, counts = torch.unique(a.weights.to(torch.float32), return_counts=True)
-    vals, counts = vals.flip(0).to(F64), counts.flip(0)
-    assert counts.tolist() == [3 * 2**d for d in range(6)]
-    assert torch.allclose(vals[:-1] / vals[1:], torch.full((5,), 4.0, dtype=F64), rtol=1e-5)
-    level_mass = vals * counts
-    assert torch.allclose(level_mass[:-1] / level_mass[1:], torch.full((5,), 2.0, dtype=F64), rtol=1e-5)
-    # Components are elongated (aspect ratio 0.2 / 0.06) and the data lie within [-2, 2]^2.
-    ev = torch.linalg.eigvalsh(a.covs).sqrt()
-    assert torch.allclose(ev[:, 1] / ev[:, 0], torch.full((189,), 10 / 3, dtype=F64), rtol=1e-9)
-    assert float(ab.means.abs().max()) < 1.8
-    # B is A mirrored in x = 0.
+    depth = tree_depths("A")
+    assert depth.dtype == torch.int64 and depth.shape == (len(a),)
+    # 8 components per branch, 2^d branches at depth d.
+    assert torch.bincount(depth).tolist() == [8 * 2**d for d in range(TREE_LEVELS)]
+    assert torch.equal(tree_depths("B"), depth) and torch.equal(tree_depths("AB"), torch.cat([depth, depth]))
+    # Widths (smaller std of each component) from 0.016 at the trunk to 0.004 at the finest level.
+    across = torch.linalg.eigvalsh(a.covs)[:, 0].sqrt()
+    for d in range(TREE_LEVELS):
+        expect = 0.016 * (0.25 ** (d / (TREE_LEVELS - 1)))
+        assert torch.allclose(across[depth == d], torch.full_like(across[depth == d], expect), rtol=1e-9)
+    # Level masses: each level carries (branch length x 0.5^depth), about 0.8x the level above.
+    level = torch.stack([a.weights[depth == d].sum() for d in range(TREE_LEVELS)])
+    ratio = level[1:] / level[:-1]
+    assert bool(((ratio > 0.65) & (ratio < 0.95)).all()), ratio
+    assert float(ab.means.abs().max()) <= 1.6 + 1e-9
+    # B is A mirrored in x = 0 (the two grow from one root in opposite directions).
     assert torch.allclose(b.means, a.means * torch.tensor([-1.0, 1.0], dtype=F64), atol=1e-12)
+    assert float(a.weights @ a.means[:, 0]) > 0.3 > -0.3 > float(b.weights @ b.means[:, 0])
+
+
+def test_group_posteriors_sum_to_one_and_recover_level_masses(gen):
+    a = tree_mixture("A")
+    depth = tree_depths("A")
+    x = a.sample(20_000, generator=gen)
+    post = a.group_posteriors(x, depth)
+    assert post.shape == (20_000, TREE_LEVELS)
+    assert torch.allclose(post.sum(1), torch.ones(20_000, dtype=F64), atol=1e-12)
+    # Averaged over exact samples, the posterior mass of a level estimates that level's weight.
+    level = torch.stack([a.weights[depth == d].sum() for d in range(TREE_LEVELS)])
+    assert torch.allclose(post.mean(0), level, atol=5 * math.sqrt(0.25 / 20_000)), (post.mean(0), level)
+    # Against a direct computation at a per-point sigma.
+    sig = torch.rand(50, generator=gen, dtype=F64) * 0.2
+    logn = torch.stack([torch.distributions.MultivariateNormal(
+        a.means, a.covs + float(s) ** 2 * torch.eye(2, dtype=F64)).log_prob(p) for p, s in zip(x[:50], sig)]) + a.weights.log()
+    ref = torch.zeros(50, TREE_LEVELS, dtype=F64).index_add_(1, depth, torch.softmax(logn, 1))
+    assert torch.allclose(a.group_posteriors(x[:50], depth, sig), ref, atol=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        a.group_posteriors(x, depth[:-1])
+    with pytest.raises(ValueError, match="groups"):
+        a.group_posteriors(x, depth.to(torch.int32))
 
 
 # --------------------------------------------------------------------------- density
 @pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("sigma", [0.0, 0.05, 0.5])
 def test_density_integrates_to_one(name, sigma):
-    # Box: [-2, 2]^2 (sigma = 0 holds all but ~1e-6 of the mass) widened by 7 sigma.  Grid: the
-    # midpoint rule is spectrally accurate for Gaussians wider than ~the spacing, so the thinnest
-    # component (std 0.0068 at sigma = 0) needs h ~ 0.008 (500 points); wider ones need far fewer.
-    half = 2.0 + 7 * sigma
-    n = 500 if sigma == 0 else 200
+    # Box: [-1.8, 1.8]^2 (component means within 1.6 of the origin, stds at most ~0.05) widened by
+    # 7 sigma.  Grid: the midpoint rule is spectrally accurate for Gaussians wider than ~the
+    # spacing, so the thinnest component (std 0.004 at sigma = 0) needs h ~ 0.005 (720 points);
+    # wider ones need far fewer.
+    half = 1.8 + 7 * sigma
+    n = 720 if sigma == 0 else 200
     xy, area = _grid(half, n)
     integral = float(tree_mixture(name).prob(xy, sigma).sum()) * area
     assert abs(integral - 1) < 2e-5, integral
@@ -107,6 +135,12 @@ def test_denoise_is_tweedie(sigma, gen):
     assert torch.allclose(d, x + sigma**2 * m.score(x, sigma), rtol=0, atol=1e-12)
     # Per-point sigma gives the same as scalar sigma.
     assert torch.allclose(m.denoise(x, torch.full((500,), sigma, dtype=F64)), d, rtol=0, atol=1e-12)
+    # float32 working precision (training targets): float64 out, within a small fraction of sigma.
+    d32 = m.denoise(x, sigma, work_dtype=torch.float32)
+    assert d32.dtype == F64
+    assert float((d32 - d).abs().max()) < 5e-3 * sigma + 2e-6
+    with pytest.raises(TypeError, match="work_dtype"):
+        m.denoise(x, sigma, work_dtype=torch.float16)
 
 
 def test_denoise_is_posterior_mean_and_tends_to_mixture_mean(gen):
@@ -210,8 +244,8 @@ def test_a_and_b_differ_but_overlap(gen):
     ratio = b.log_prob(xa) - a.log_prob(xa)  # log p_B / p_A on A's samples
     exclusive = float((ratio < math.log(1e-3)).double().mean())
     shared = float((ratio.abs() < math.log(2)).double().mean())
-    assert exclusive > 0.1, exclusive  # much of A (~17%) is (nearly) absent from B ...
-    assert shared > 0.3, shared  # ... but they share the trunk (about half the mass)
+    assert exclusive > 0.8, exclusive  # most of A (~91%) is (nearly) absent from B ...
+    assert shared > 0.01, shared  # ... but they share the root and cross in the middle (~2.6%)
     # Symmetry: p_B(x, y) = p_A(-x, y).
     flip = torch.tensor([-1.0, 1.0], dtype=F64)
     assert torch.allclose(b.log_prob(xa * flip, 0.1), a.log_prob(xa, 0.1), rtol=1e-12, atol=1e-9)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels.toy.model import SIGMA_DATA, ToyDenoiser, train
+from ag_kernels.toy.model import SIGMA_DATA, ToyDenoiser, power_ema_exponent, train
 
 # A two-component elongated mixture whose exact denoiser is written out here (Tweedie's formula with
 # per-component posterior responsibilities), so the training test needs no other module.
@@ -100,6 +100,68 @@ def test_short_training_lowers_the_loss(gen):
     err_trained = ((ema(x, sigma) - exact_denoiser(x, sigma)) ** 2).mean()
     err_untrained = ((ToyDenoiser(hidden=16, layers=3)(x, sigma) - exact_denoiser(x, sigma)) ** 2).mean()
     assert err_trained < 0.5 * err_untrained
+
+
+def test_power_ema_exponent_inverts_the_profile_std():
+    def rel_std(g):
+        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+
+    for std in (0.005, 0.010, 0.05, 0.1, 0.2, 0.28):
+        assert rel_std(power_ema_exponent(std)) == pytest.approx(std, rel=1e-9)
+    # EDM2's figure: std 0.010 is gamma ~ 97, 0.05 ~ 17.
+    assert power_ema_exponent(0.010) == pytest.approx(97.0, abs=0.1)
+    for bad in (0.0, -0.1, 0.3, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="ema_std"):
+            power_ema_exponent(bad)
+
+
+def test_power_ema_weights_match_the_closed_form(gen):
+    """The returned EMA is sum_t w_t theta_t with the power-function profile w_t ~ t^gamma (up to the
+    discrete product), checked by recording the raw parameters at every step."""
+    model = ToyDenoiser(hidden=4, layers=2, seed=int(torch.randint(1000, (), generator=gen)))
+    raw = []
+
+    def record(t, emas):
+        raw.append([p.detach().clone() for p in model.parameters()])
+
+    emas = train(model, exact_denoiser, sample_data, iterations=30, batch_size=64, ema_std=[0.05, 0.2],
+                 seed=1, on_step=record)
+    assert isinstance(emas, list) and len(emas) == 2 and len(raw) == 30
+    for ema, std in zip(emas, (0.05, 0.2)):
+        gamma = power_ema_exponent(std)
+        # beta_t = (1 - 1/t)^(gamma + 1): weight of step t is (1 - beta_t) prod_{s > t} beta_s.
+        betas = [(1 - 1 / t) ** (gamma + 1) for t in range(1, 31)]
+        weights = []
+        for t in range(30):
+            w = 1 - betas[t]
+            for s_ in range(t + 1, 30):
+                w *= betas[s_]
+            weights.append(w)
+        assert sum(weights) == pytest.approx(1.0)
+        for i, p in enumerate(ema.parameters()):
+            expect = sum(w * r[i] for w, r in zip(weights, raw))
+            assert torch.allclose(p, expect, rtol=1e-9, atol=1e-12)
+
+
+def test_denoising_score_matching_and_snapshots(gen):
+    """target_denoiser=None trains on the clean samples (denoising score matching); on_step sees
+    the EMA after every step, and a snapshot at t equals a run of t iterations."""
+    seed = int(torch.randint(1000, (), generator=gen))
+    snaps = {}
+    long = train(ToyDenoiser(hidden=8, layers=2, seed=seed), None, sample_data, iterations=40, batch_size=256,
+                 seed=seed, on_step=lambda t, ema: snaps.__setitem__(t, [p.clone() for p in ema.parameters()]))
+    assert sorted(snaps) == list(range(1, 41))
+    short = train(ToyDenoiser(hidden=8, layers=2, seed=seed), None, sample_data, iterations=25, batch_size=256, seed=seed)
+    for a, b in zip(short.parameters(), snaps[25]):
+        assert torch.equal(a, b)
+    for a, b in zip(long.parameters(), snaps[40]):
+        assert torch.equal(a, b)
+    x = sample_data(2000, gen) + 0.3 * torch.randn(2000, 2, generator=gen, dtype=torch.float64)
+    sigma = torch.full((2000,), 0.3, dtype=torch.float64)
+    with torch.no_grad():
+        err = ((long(x, sigma) - exact_denoiser(x, sigma)) ** 2).mean()
+        err0 = ((ToyDenoiser(hidden=8, layers=2)(x, sigma) - exact_denoiser(x, sigma)) ** 2).mean()
+    assert err < 0.7 * err0
 
 
 def test_samples_through_edm_sampler(gen):

@@ -25,15 +25,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="step-op backend: auto, torch, triton or ext")
     p.add_argument("--png", default="toy_autoguidance.png", help="figure path (default toy_autoguidance.png)")
     p.add_argument("--no-png", action="store_true", help="do not draw the figure")
-    p.add_argument("--json", help="write {method: {guidance, precision, recall, mean_logp, outlier_frac}} here")
+    p.add_argument("--json", help="write the metrics here: blur_nats, exact, none, cfg, autoguidance (paper's weights), goals, sweep")
     p.add_argument("--no-backend-check", action="store_true",
                    help="skip re-sampling one method on every available backend")
 
 
 def _fmt_row(label: str, w: float, m: dict) -> str:
     ws = "-" if math.isnan(w) else f"{w:g}"
-    return (f"{label:<13} {ws:>5} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} "
-            f"{m['mean_logp']:>10.3f} {m['outlier_frac']:>12.4f}")
+    mass = " ".join(f"{v:.3f}" for v in m["mass_by_depth"])
+    return (f"{label:<13} {ws:>5} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['outlier_frac']:>8.4f} "
+            f"{m['gross_outlier_frac']:>8.4f} {m['mean_logp']:>10.3f}  {mass}")
 
 
 def _backend_check(models, result: ex.MethodResult, n: int, seed: int, device) -> bool:
@@ -78,12 +79,14 @@ def run_demo(parser: argparse.ArgumentParser, args) -> int:
         print(f"  {name:<7} {spec.role}")
     print(f"  sampler: ag_kernels.edm_sampler, Heun, {args.steps} steps, sigma {ex.SIGMA_MAX:g} -> {ex.SIGMA_MIN:g}, "
           f"backend {args.backend}; {args.n} samples per row, same noise for every row")
-    print(f"  metrics vs {args.n} exact class-A samples: improved precision/recall (k = {ex.K}), F1, mean exact "
-          f"log p, outliers = log p below the {ex.OUTLIER_QUANTILE:.0%} quantile of class A")
+    print(f"  metrics vs {args.n} exact class-A samples: improved precision/recall (k = {ex.K}); outliers = exact "
+          f"log p below the {ex.OUTLIER_QUANTILE:.0%} quantile of class A, gross = {ex.GROSS_NATS:g} nats further below; "
+          f"mass per tree level 0 (trunk) .. {len(ex.tree_depths('A').unique()) - 1}")
     print()
-    header = f"{'method':<13} {'w':>5} {'precision':>9} {'recall':>7} {'F1':>6} {'mean log p':>10} {'outlier frac':>12}"
+    header = (f"{'method':<13} {'w':>5} {'precision':>9} {'recall':>7} {'outliers':>8} {'gross':>8} {'mean log p':>10}  "
+              f"mass by tree level")
     print(header)
-    print("-" * len(header))
+    print("-" * (len(header) + 30))
     try:
         result = ex.run(
             models, n=args.n, cfg_weights=args.cfg_weights, ag_weights=args.ag_weights, seed=args.seed,
@@ -95,13 +98,20 @@ def run_demo(parser: argparse.ArgumentParser, args) -> int:
         return 2
     print(_fmt_row("exact data", float("nan"), result.reference.metrics) + "   (an independent exact set: the ceiling)")
     print()
-    print("best w per method (highest F1):")
-    for method, r in result.best.items():
+    blur = ", ".join(f"sigma {k}: {v:.2f}" for k, v in result.blur.items())
+    print(f"how thin the tree is (nats of exact log-likelihood lost by blurring exact data): {blur}")
+    print(f"at the paper's weights (autoguidance w = {ex.AG_WEIGHT:g}, CFG w = {ex.CFG_WEIGHT:g}):")
+    print(_fmt_row("exact data", float("nan"), result.reference.metrics))
+    for method, r in result.headline.items():
         print(_fmt_row(method, r.guidance, r.metrics))
+    print()
+    print("goals:")
+    for name, g in ex.goals(result).items():
+        print(f"  {name:<34} {g['value']:>8.3f}  target {g['target']:<8} {'met' if g['met'] else 'NOT MET'}")
     ok = True
     if not args.no_backend_check:
         print()
-        ok = _backend_check(models, result.best["autoguidance"], min(args.n, 1024), args.seed, device)
+        ok = _backend_check(models, result.headline["autoguidance"], min(args.n, 1024), args.seed, device)
     if not args.no_png:
         path = ex.plot(result, args.png)
         print(f"figure: {path}")

@@ -8,32 +8,32 @@ score and ideal denoiser are exact in closed form at every noise level of the he
 (EDM, variance-exploding) process, where p(x; sigma) = p_data * N(0, sigma^2 I), i.e. each
 component's covariance becomes Sigma_k + sigma^2 I.
 
-Construction (fixed; no randomness; see ``_TREE_*`` constants below)
--------------------------------------------------------------------
-* A recursive binary tree of straight branches.  The trunk (depth 0) starts at the origin of the
-  raw frame and points straight up (90 degrees), raw length 1.
-* Each branch of depth d < 5 has two children that start at its tip: a "left" child
-  turned by +28 degrees with length factor 0.72 and a "right" child turned by -42 degrees with
-  length factor 0.64.  ``_TREE_DEPTH = 5`` gives depths 0..5, i.e. 1+2+4+8+16+32 = 63 branches.
-* Each branch is a row of ``_TREE_COMPONENTS_PER_BRANCH = 3`` Gaussians whose means sit at the
-  centres of three equal segments of the branch.  Each is elongated along the branch:
-  standard deviation 0.2 L along it and 0.06 L across it (L = branch length), an aspect ratio
-  of 10/3.  So every class has 63 * 3 = 189 components.
-* Weights halve with depth: all branches of depth d together carry mass proportional to 2^-d,
-  split equally among the 2^d branches of that depth (so one branch of depth d has weight
-  proportional to 4^-d), and equally among the components of a branch.  Weights are then
-  normalised to sum to 1.
-* Class "A" is this (asymmetric) tree; class "B" is its mirror image in the
-  vertical axis x = 0.  The two share the trunk exactly (the trunk is symmetric) and branch
-  apart above it, with their inner branches partly overlapping.  Class "AB" is their union
-  with weight 1/2 each (378 components).
-* Data scale: one common map (uniform scale + shift, applied to A and B alike, keeping the
-  mirror axis at x = 0) makes the union's "3-std box" (component means +- 3 marginal stds)
-  span [-1.7, 1.7] on its longer (vertical) side, centred on the origin.  The component means
-  then lie in x in [-1.60, 1.60], y in [-1.07, 1.60]; at sigma = 0 the mass outside [-2, 2]^2
-  is below 1e-6 (it is the bottom tail of the trunk).  Component stds after scaling: trunk
-  0.21 along x 0.063 across, thinnest branches 0.023 x 0.0068.  sigma_max = 5 covers the data
-  comfortably.
+Construction (fixed: the jitter comes from a seeded generator; see the ``_TREE_*`` constants)
+---------------------------------------------------------------------------------------------
+The tree is as thin as the one of the paper's published toy (facts from it: 7 levels, 8 round-ish
+components per branch, widths from ~0.016 at the trunk to ~0.004 at the finest level, weights
+proportional to branch length x 0.5^depth, two classes growing in opposite directions), built
+with our own code:
+
+* A recursive binary tree of straight branches, depths 0..6 (``_TREE_LEVELS = 7``: 127 branches).
+  The trunk of class A starts at the root and leans right (``_TREE_TRUNK_ANGLE`` degrees).  Each
+  branch of depth d < 6 has two children starting at its tip, turned by about +-30 degrees with
+  length factors of about 0.72; every turn and length factor has a mild random jitter.
+* Each branch is a row of ``_TREE_COMPONENTS_PER_BRANCH = 8`` Gaussians centred on 8 equal
+  segments.  Across the branch the standard deviation is ``_TREE_WIDTHS[0] = 0.016`` at the trunk,
+  shrinking geometrically to ``_TREE_WIDTHS[1] = 0.004`` at depth 6; along it, half the spacing of
+  the components (so a branch is a continuous ridge) but never below the width (round-ish at the
+  tips).  Widths are in the final data frame.
+* A branch's components share weight branch length x 0.5^depth (so a whole level carries about
+  0.72^depth of the trunk's mass); weights are normalised to sum to 1.
+* Class "B" is A mirrored in the vertical axis x = 0 through the root: the two trees grow from
+  one root in opposite directions (A to the right, B to the left), their trunks close near the
+  root.  Class "AB" is their union with weight 1/2 each.
+* Data scale: one uniform scale and shift (the same for A and B, keeping x = 0 the mirror axis)
+  makes the union's component means span 3.2 on their longer side, centred on the origin, so the
+  data lie within [-1.7, 1.7]^2.  sigma_max = 5 covers it comfortably.
+
+:func:`tree_depths` gives each component's depth (the tree level it belongs to).
 """
 
 from __future__ import annotations
@@ -45,17 +45,22 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["GaussianMixture", "tree_mixture", "CLASSES"]
+__all__ = ["GaussianMixture", "tree_mixture", "tree_depths", "CLASSES", "TREE_LEVELS"]
 
 CLASSES = ("A", "B", "AB")
 
-_TREE_DEPTH = 5                     # depths 0..5 -> 63 branches
-_TREE_COMPONENTS_PER_BRANCH = 3
-_TREE_CHILDREN = ((28.0, 0.72), (-42.0, 0.64))   # (turn in degrees, length factor) per child
-_TREE_ALONG_STD = 0.2                # along-branch std, as a fraction of branch length
-_TREE_ACROSS_STD = 0.06              # across-branch std, as a fraction of branch length
-_TREE_BOX_STDS = 3.0                 # the union's "3-std box" (means +- 3 marginal stds) ...
-_TREE_HALF_EXTENT = 1.7              # ... is scaled and centred to fill [-1.7, 1.7] on its longer side
+TREE_LEVELS = 7                     # depths 0..6 -> 127 branches
+_TREE_COMPONENTS_PER_BRANCH = 8
+_TREE_TRUNK_ANGLE = 62.0            # degrees; class A leans right, B (its mirror) left
+_TREE_TURN = 34.0                   # children turn by +- this (degrees) ...
+_TREE_TURN_JITTER = 6.0             # ... plus a uniform jitter in +- this
+_TREE_LENGTH_FACTOR = 0.80          # child length / parent length ...
+_TREE_LENGTH_JITTER = 0.08          # ... times a uniform factor in 1 +- this
+_TREE_WIDTHS = (0.016, 0.004)       # std across a branch at depth 0 and at the deepest level (final frame)
+_TREE_ALONG = 0.5                   # std along a branch, in units of the component spacing
+_TREE_LEVEL_DECAY = 0.5             # weight factor per level (times branch length)
+_TREE_SPAN = 3.2                    # the union's component means span this on their longer side
+_TREE_SEED = 20241                  # seed of the jitter
 
 _DT = torch.float64
 
@@ -98,7 +103,9 @@ class GaussianMixture:
     Results are float64 on the device of ``x``.
     """
 
-    _CHUNK_ELEMS = 1 << 22  # points x components evaluated at once
+    # Points x components evaluated at once: temporaries of a few MB stay in cache (4M-element
+    # chunks made the per-point-sigma path memory-bound, 8x slower).
+    _CHUNK_ELEMS = 1 << 18
 
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor):
         for name, t in (("weights", weights), ("means", means), ("covs", covs)):
@@ -225,17 +232,23 @@ class GaussianMixture:
         coef = torch.stack([-0.5 * p00, -p01, -0.5 * p11, pm0, pm1, const])
         return coef, torch.stack([p00, p01, p11, pm0, pm1], dim=1)
 
-    def _eval(self, x, sigma, want_score: bool):
+    def _eval(self, x, sigma, want_score: bool, work_dtype: torch.dtype = _DT):
         x = _check_x(x)
         n = x.shape[0]
         s = _check_sigma(sigma, n, x.device)
         w, means, covs = self._params(x.device)
+        if work_dtype != _DT:
+            # Lower working precision (training targets): per-point terms only, since the expanded
+            # quadratic of the shared-sigma path cancels catastrophically in float32.
+            w, means, covs = w.to(work_dtype), means.to(work_dtype), covs.to(work_dtype)
+            x = x.to(work_dtype)
+            s = (s if s.dim() else s.expand(n, 1)).to(work_dtype)
         log_w = torch.log(w)  # -inf for zero weights is fine under logsumexp
         k = w.shape[0]
         step = max(1, self._CHUNK_ELEMS // k)
         lp = torch.empty(n, dtype=_DT, device=x.device)
         sc = torch.empty(n, 2, dtype=_DT, device=x.device) if want_score else None
-        if s.dim() != 0 and n > 0 and bool((s == s[0]).all()):
+        if s.dim() != 0 and n > 0 and work_dtype == _DT and bool((s == s[0]).all()):
             s = s[0, 0]
         if s.dim() == 0:
             # One noise level: the quadratic forms of all components are one small matmul.
@@ -279,11 +292,44 @@ class GaussianMixture:
         """(log p, grad log p) in one pass."""
         return self._eval(x, sigma, True)
 
-    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        """Ideal denoiser E[x0 | x] = x + sigma^2 grad log p(x; sigma) (Tweedie), shape [N, 2]."""
+    def group_posteriors(self, x: torch.Tensor, groups: torch.Tensor, sigma=0.0) -> torch.Tensor:
+        """P(group | x; sigma) [N, G]: the posterior responsibilities of the components summed per group.
+
+        ``groups`` [K] holds each component's group index in 0..G-1 (e.g. :func:`tree_depths`).
+        Averaged over samples, this is the mass the samples put on each group (soft assignment).
+        """
+        xd = _check_x(x)
+        if not isinstance(groups, torch.Tensor) or groups.dtype != torch.int64 or groups.shape != (len(self),):
+            raise ValueError(f"groups must be an int64 tensor of shape [{len(self)}]")
+        if len(self) and int(groups.min()) < 0:
+            raise ValueError("groups must hold indices >= 0")
+        n = xd.shape[0]
+        s = _check_sigma(sigma, n, xd.device)
+        w, means, covs = self._params(xd.device)
+        g = groups.to(xd.device)
+        num = int(g.max()) + 1
+        out = torch.zeros(n, num, dtype=_DT, device=xd.device)
+        step = max(1, self._CHUNK_ELEMS // len(self))
+        s2 = s**2 if s.dim() == 0 else None
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            logn, _, _ = self._terms(xd[i:j], s2 if s2 is not None else s[i:j] ** 2, torch.log(w), means, covs)
+            r = torch.softmax(logn, dim=1)
+            out[i:j].index_add_(1, g, r)
+        return out
+
+    def denoise(self, x: torch.Tensor, sigma, *, work_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Ideal denoiser E[x0 | x] = x + sigma^2 grad log p(x; sigma) (Tweedie), shape [N, 2], float64.
+
+        ``work_dtype=torch.float32`` evaluates the per-component terms in float32 (about 2.5x
+        faster; errors ~1e-6 at this data scale, far below a network's): for training targets.
+        """
+        if work_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"work_dtype must be torch.float32 or torch.float64, got {work_dtype}")
         xd = _check_x(x)
         s = _check_sigma(sigma, xd.shape[0], xd.device)
-        return xd + s**2 * self.score(xd, sigma)
+        score = self._eval(xd, sigma, True, work_dtype)[1]
+        return xd + s**2 * score
 
     def sample(self, n: int, sigma=0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples of p(x; sigma), shape [n, 2], float64 (CPU unless the mixture is elsewhere)."""
@@ -313,50 +359,60 @@ class GaussianMixture:
 
 
 # ---------------------------------------------------------------------- tree construction
-def _raw_tree() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class A in the raw frame: (weights [K], means [K, 2], covs [K, 2, 2]), weights normalised."""
-    ws, mus, covs = [], [], []
-    m = _TREE_COMPONENTS_PER_BRANCH
+def _raw_branches() -> list:
+    """Class A's branches in the raw frame: (start, unit direction, length, depth), trunk first."""
+    import random
 
-    def grow(p: tuple[float, float], angle_deg: float, length: float, depth: int) -> None:
+    rng = random.Random(_TREE_SEED)
+    branches = []
+
+    def grow(p, angle_deg, length, depth):
         th = math.radians(angle_deg)
         u = (math.cos(th), math.sin(th))
-        v = (-u[1], u[0])
-        branch_weight = 0.25**depth  # depth level mass 2^-d split over 2^d branches
-        s_along = (_TREE_ALONG_STD * length) ** 2
-        s_across = (_TREE_ACROSS_STD * length) ** 2
-        cov = [[s_along * u[i] * u[j] + s_across * v[i] * v[j] for j in range(2)] for i in range(2)]
-        for i in range(m):
-            t = (i + 0.5) / m * length
-            mus.append((p[0] + t * u[0], p[1] + t * u[1]))
-            covs.append(cov)
-            ws.append(branch_weight / m)
-        if depth < _TREE_DEPTH:
+        branches.append((p, u, length, depth))
+        if depth + 1 < TREE_LEVELS:
             tip = (p[0] + length * u[0], p[1] + length * u[1])
-            for turn, factor in _TREE_CHILDREN:
+            for sign in (1.0, -1.0):
+                turn = sign * _TREE_TURN + rng.uniform(-_TREE_TURN_JITTER, _TREE_TURN_JITTER)
+                factor = _TREE_LENGTH_FACTOR * (1 + rng.uniform(-_TREE_LENGTH_JITTER, _TREE_LENGTH_JITTER))
                 grow(tip, angle_deg + turn, length * factor, depth + 1)
 
-    grow((0.0, 0.0), 90.0, 1.0, 0)
-    w = torch.tensor(ws, dtype=_DT)
-    return w / w.sum(), torch.tensor(mus, dtype=_DT), torch.tensor(covs, dtype=_DT)
+    grow((0.0, 0.0), _TREE_TRUNK_ANGLE, 1.0, 0)
+    return branches
 
 
 @functools.lru_cache(maxsize=None)
-def _trees() -> dict[str, GaussianMixture]:
-    w, mu, cov = _raw_tree()
-    raw_a = GaussianMixture(w, mu, 0.5 * (cov + cov.transpose(1, 2)))
-    raw_b = raw_a.transformed([[-1.0, 0.0], [0.0, 1.0]])
-    both_mu = torch.cat([raw_a.means, raw_b.means])
-    both_sd = torch.cat([raw_a.covs, raw_b.covs]).diagonal(dim1=1, dim2=2).sqrt()
-    lo = (both_mu - _TREE_BOX_STDS * both_sd).min(0).values
-    hi = (both_mu + _TREE_BOX_STDS * both_sd).max(0).values
-    scale = 2 * _TREE_HALF_EXTENT / float((hi - lo).max())
-    centre = 0.5 * (lo + hi)
-    centre[0] = 0.0  # the union is symmetric in x; keep the mirror axis at x = 0 exactly
-    shift = (-scale * centre).tolist()
-    a = raw_a.transformed([[scale, 0.0], [0.0, scale]], shift)
-    b = raw_b.transformed([[scale, 0.0], [0.0, scale]], shift)
-    return {"A": a, "B": b, "AB": GaussianMixture.combine([(a, 0.5), (b, 0.5)])}
+def _trees() -> dict:
+    branches = _raw_branches()
+    m = _TREE_COMPONENTS_PER_BRANCH
+    # The frame: means of A and of its mirror B, scaled and centred (x = 0 stays the mirror axis).
+    raw_means = [(p[0] + (i + 0.5) / m * length * u[0], p[1] + (i + 0.5) / m * length * u[1])
+                 for p, u, length, _ in branches for i in range(m)]
+    xs = [abs(x) for x, _ in raw_means]
+    ys = [y for _, y in raw_means]
+    span = max(2 * max(xs), max(ys) - min(ys))
+    scale = _TREE_SPAN / span
+    shift_y = -scale * 0.5 * (max(ys) + min(ys))
+    ws, mus, covs, depths = [], [], [], []
+    for p, u, length, depth in branches:
+        length_s = length * scale
+        across = _TREE_WIDTHS[0] * (_TREE_WIDTHS[1] / _TREE_WIDTHS[0]) ** (depth / (TREE_LEVELS - 1))
+        along = max(across, _TREE_ALONG * length_s / m)
+        v = (-u[1], u[0])
+        cov = [[along**2 * u[i] * u[j] + across**2 * v[i] * v[j] for j in range(2)] for i in range(2)]
+        for i in range(m):
+            t = (i + 0.5) / m * length
+            mus.append((scale * (p[0] + t * u[0]), scale * (p[1] + t * u[1]) + shift_y))
+            covs.append(cov)
+            # Weight per branch: its length times 0.5 per level, split equally over its components.
+            ws.append(length * _TREE_LEVEL_DECAY**depth / m)
+            depths.append(depth)
+    w = torch.tensor(ws, dtype=_DT)
+    cov_t = torch.tensor(covs, dtype=_DT)
+    a = GaussianMixture(w / w.sum(), torch.tensor(mus, dtype=_DT), 0.5 * (cov_t + cov_t.transpose(1, 2)))
+    b = a.transformed([[-1.0, 0.0], [0.0, 1.0]])
+    depth_a = torch.tensor(depths, dtype=torch.int64)
+    return {"A": a, "B": b, "AB": GaussianMixture.combine([(a, 0.5), (b, 0.5)])}, depth_a
 
 
 def tree_mixture(name: str) -> GaussianMixture:
@@ -365,4 +421,11 @@ def tree_mixture(name: str) -> GaussianMixture:
         raise TypeError(f"name must be a str, one of {CLASSES}, got {type(name).__name__}")
     if name not in CLASSES:
         raise ValueError(f"name must be one of {CLASSES}, got {name!r}")
-    return _trees()[name]
+    return _trees()[0][name]
+
+
+def tree_depths(name: str) -> torch.Tensor:
+    """The tree level (0 = trunk .. TREE_LEVELS - 1) of each component of ``tree_mixture(name)``, int64 [K]."""
+    tree_mixture(name)  # validates the name
+    depth_a = _trees()[1]
+    return torch.cat([depth_a, depth_a]) if name == "AB" else depth_a.clone()

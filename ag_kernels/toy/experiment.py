@@ -29,20 +29,24 @@ import torch
 
 from ..checkpoint import load_net, save_net
 from ..sampler import edm_sampler
-from .distribution import tree_mixture
+from .distribution import tree_depths, tree_mixture
 from .metrics import mean_log_prob, outlier_fraction, precision_recall
 from .model import ToyDenoiser, train
 
 __all__ = [
     "ModelSpec", "MODELS", "GUIDES", "WEIGHTS_DIR", "NUM_STEPS", "SIGMA_MIN", "SIGMA_MAX", "K", "OUTLIER_QUANTILE",
-    "DEFAULT_CFG_WEIGHTS", "DEFAULT_AG_WEIGHTS", "train_models", "load_models", "sample",
-    "outlier_threshold", "score_samples", "MethodResult", "Experiment", "run", "plot",
+    "DEFAULT_CFG_WEIGHTS", "DEFAULT_AG_WEIGHTS", "AG_WEIGHT", "CFG_WEIGHT", "GROSS_NATS", "BLUR_SIGMAS",
+    "train_models", "load_models", "sample", "outlier_threshold", "blur_nats", "score_samples", "goals", "MethodResult", "Experiment", "run", "plot",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One toy model: the class it learns, its size and its training length."""
+    """One toy model: the class it learns, its size, its training run and the EMA that is kept.
+
+    A spec with ``snapshot_of`` is not trained on its own: it is the EMA of that model's run after
+    ``iterations`` steps (the same network earlier in its training, a "bad version of itself").
+    """
 
     name: str
     data: str           # "A" or "AB" (the union: CFG's unconditional model)
@@ -51,14 +55,18 @@ class ModelSpec:
     iterations: int
     seed: int
     role: str
+    ema_std: float = 0.010
+    target: str = "exact"   # "exact": the ground truth's denoiser; "dsm": the clean sample
+    snapshot_of: Optional[str] = None
 
 
-#: The paper's toy models: D_1, autoguidance's D_0 (smaller and trained 8x shorter), CFG's D_0.
+#: The toy models: D_1, autoguidance's D_0 and CFG's D_0 (see the README for how they were chosen).
 MODELS: Dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("main", "A", 64, 4, 4096, 1, "D_1: class A, 4 x 64, 4096 iterations"),
-        ModelSpec("guide", "A", 32, 4, 512, 2, "autoguidance D_0: class A, 4 x 32, 512 iterations"),
+        ModelSpec("main", "A", 64, 4, 16384, 1, "D_1: class A, 4 x 64, 16384 iterations (near convergence)"),
+        ModelSpec("guide", "A", 64, 4, 1024, 1, "autoguidance D_0: main's own run at 1024 iterations (1/16)",
+                  snapshot_of="main"),
         ModelSpec("uncond", "AB", 32, 4, 512, 3, "CFG D_0: classes A and B, 4 x 32, 512 iterations"),
     )
 }
@@ -75,9 +83,16 @@ K = 3
 #: A sample is an outlier when its class-A density is below the level that only this fraction of
 #: class A's own mass falls below (estimated from :data:`_THRESHOLD_SAMPLES` exact samples).
 OUTLIER_QUANTILE = 0.01
-_THRESHOLD_SAMPLES = 1 << 20
-DEFAULT_CFG_WEIGHTS = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-DEFAULT_AG_WEIGHTS = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+_THRESHOLD_SAMPLES = 1 << 18
+#: The paper's toy guidance weights: the headline rows and the goals use these.
+AG_WEIGHT = 3.0
+CFG_WEIGHT = 4.0
+DEFAULT_CFG_WEIGHTS = (1.5, 2.0, 3.0, 4.0)
+DEFAULT_AG_WEIGHTS = (1.5, 2.0, 2.5, 3.0, 4.0)
+#: A gross outlier lies this many nats below the outlier threshold (or further).
+GROSS_NATS = 3.0
+#: Noise levels of :func:`blur_nats` (how thin the tree is).
+BLUR_SIGMAS = (0.01, 0.03, 0.1)
 
 
 # ------------------------------------------------------------------------------ training
@@ -95,7 +110,8 @@ def train_models(
     """Train the models named (default: all of :data:`MODELS`) and write ``<outdir>/<name>.pt``.
 
     Each file is an :func:`ag_kernels.checkpoint.save_net` checkpoint (architecture name, its
-    arguments and the EMA weights; read back with ``weights_only=True``).  ``iterations_scale``
+    arguments and the EMA weights; read back with ``weights_only=True``).  A snapshot model is
+    saved from its parent's run (which is trained for it if not named itself).  ``iterations_scale``
     shortens every run (for tests); ``train_log.json`` in ``outdir`` records what was run.
     """
     outdir = Path(outdir) if outdir is not None else WEIGHTS_DIR
@@ -108,31 +124,47 @@ def train_models(
     outdir.mkdir(parents=True, exist_ok=True)
     log_path = outdir / "train_log.json"
     record = json.loads(log_path.read_text()) if log_path.exists() else {}
-    paths = {}
+    # One training run per root model; snapshot models are taken from their parent's run.
+    runs: Dict[str, List[str]] = {}
     for name in names:
-        spec = MODELS[name]
+        runs.setdefault(MODELS[name].snapshot_of or name, []).append(name)
+    paths = {}
+    for root, wanted in runs.items():
+        spec = MODELS[root]
         dist = tree_mixture(spec.data)
-        iterations = max(1, round(spec.iterations * iterations_scale))
+        members = [root] + [n for n, s in MODELS.items() if s.snapshot_of == root]
+        length = {n: max(1, round(MODELS[n].iterations * iterations_scale)) for n in members}
+        stds = sorted({MODELS[n].ema_std for n in members})
+        total = max(length[n] for n in wanted)
         losses: List[float] = []
-        model = ToyDenoiser(hidden=spec.hidden, layers=spec.layers, seed=spec.seed)
-        log(f"training {name}: {spec.role}" + (f" (scaled to {iterations} iterations)" if iterations != spec.iterations else ""))
         start = time.perf_counter()
-        ema = train(
-            model, dist.denoise, lambda n, g, d=dist: d.sample(n, generator=g),
-            iterations=iterations, batch_size=batch_size, seed=spec.seed, progress=progress,
-            log=lambda it, loss: losses.append(loss),
+        log(f"training {root}: {spec.role}" + (f" (scaled to {total} iterations)" if total != spec.iterations else ""))
+
+        def keep(t: int, emas, wanted=wanted, length=length, stds=stds, losses=losses, start=start) -> None:
+            for name in wanted:
+                if length[name] != t:
+                    continue
+                s = MODELS[name]
+                path = outdir / f"{name}.pt"
+                save_net(emas[stds.index(s.ema_std)], path)
+                paths[name] = path
+                tail = losses[-max(1, len(losses) // 10):]
+                record[name] = {
+                    **dataclasses.asdict(s), "iterations": t, "batch_size": batch_size,
+                    "first_loss": losses[0], "final_loss_mean_last_10pct": sum(tail) / len(tail),
+                    "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+                }
+                log(f"  {path}: loss {losses[0]:.3f} -> {record[name]['final_loss_mean_last_10pct']:.3f} "
+                    f"after {t} iterations, {record[name]['seconds']:.0f} s")
+
+        # Exact targets computed in float32: ~1e-6 from float64's, far below the networks' errors.
+        target = None if spec.target == "dsm" else (lambda x, s, d=dist: d.denoise(x, s, work_dtype=torch.float32))
+        train(
+            ToyDenoiser(hidden=spec.hidden, layers=spec.layers, seed=spec.seed), target,
+            lambda n, g, d=dist: d.sample(n, generator=g), iterations=total, batch_size=batch_size,
+            seed=spec.seed, ema_std=list(stds), progress=progress,
+            log=lambda it, loss, losses=losses: losses.append(loss), on_step=keep,
         )
-        seconds = time.perf_counter() - start
-        path = outdir / f"{name}.pt"
-        save_net(ema, path)
-        paths[name] = path
-        tail = losses[-max(1, len(losses) // 10):]
-        record[name] = {
-            **dataclasses.asdict(spec), "iterations": iterations, "batch_size": batch_size,
-            "first_loss": losses[0], "final_loss_mean_last_10pct": sum(tail) / len(tail),
-            "seconds": round(seconds, 1), "torch": torch.__version__,
-        }
-        log(f"  {path}: loss {losses[0]:.3f} -> {record[name]['final_loss_mean_last_10pct']:.3f} in {seconds:.0f} s")
     log_path.write_text(json.dumps(record, indent=2) + "\n")
     return paths
 
@@ -192,26 +224,51 @@ def outlier_threshold(data: str = "A", quantile: float = OUTLIER_QUANTILE, *, sa
     return float(torch.quantile(dist.log_prob(points), quantile))
 
 
-def score_samples(samples: torch.Tensor, reference: torch.Tensor, *, threshold: float, data: str = "A", k: int = K) -> Dict[str, float]:
-    """Improved precision/recall against ``reference`` (exact samples), mean log p and outlier fraction."""
+def blur_nats(data: str = "A", sigmas: Sequence[float] = BLUR_SIGMAS, *, n: int = 1 << 16, seed: int = 0) -> Dict[str, float]:
+    """How thin the tree is: the mean exact log-likelihood that exact data lose when blurred by sigma.
+
+    E[log p(y)] - E[log p(y + sigma e)] over exact samples y and e ~ N(0, I), per sigma (keys as
+    written, e.g. "0.01").  A sampler whose points sit sigma off the data pays about this much.
+    """
+    dist = tree_mixture(data)
+    gen = torch.Generator().manual_seed(seed)
+    y = dist.sample(n, generator=gen)
+    base = float(dist.log_prob(y).mean())
+    out = {}
+    for sigma in sigmas:
+        e = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        out[f"{sigma:g}"] = base - float(dist.log_prob(y + sigma * e).mean())
+    return out
+
+
+def score_samples(samples: torch.Tensor, reference: torch.Tensor, *, threshold: float, data: str = "A", k: int = K) -> Dict[str, object]:
+    """Improved precision/recall against ``reference`` (exact samples), mean log p, outliers and mass per tree level.
+
+    ``outlier_frac``: exact log p below ``threshold``; ``gross_outlier_frac``: below it by more than
+    :data:`GROSS_NATS` more; ``mass_by_depth``: the samples' mean posterior probability of each
+    tree level 0..TREE_LEVELS-1 under the exact mixture (soft assignment to the levels' components).
+    """
     dist = tree_mixture(data)
     logp = dist.log_prob(samples)
     precision, recall = precision_recall(reference, samples, k=k)
     f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    mass = dist.group_posteriors(samples, tree_depths(data)).mean(0)
     return {
         "precision": precision, "recall": recall, "f1": f1,
         "mean_logp": mean_log_prob(logp), "outlier_frac": outlier_fraction(logp, threshold),
+        "gross_outlier_frac": outlier_fraction(logp, threshold - GROSS_NATS),
+        "mass_by_depth": [float(v) for v in mass],
     }
 
 
 @dataclasses.dataclass
 class MethodResult:
-    method: str          # "none", "cfg", "autoguidance" (or "data": exact samples, for reference)
+    method: str          # "none", "cfg", "autoguidance", "autoguidance+interval" (or "exact": exact samples)
     guidance: float
-    metrics: Dict[str, float]
+    metrics: Dict[str, object]
     samples: torch.Tensor = dataclasses.field(repr=False)
 
-    def row(self) -> Dict[str, float]:
+    def row(self) -> Dict[str, object]:
         return {"guidance": self.guidance, **self.metrics}
 
 
@@ -220,15 +277,48 @@ class Experiment:
     n: int
     seed: int
     threshold: float
+    blur: Dict[str, float]           # blur_nats of class A
     reference: MethodResult          # exact class-A samples scored against an independent exact set
     sweep: List[MethodResult]        # every (method, w) sampled, in order
-    best: Dict[str, MethodResult]    # per method, the w with the highest F1 of precision and recall
+    headline: Dict[str, MethodResult]  # "none", and each method at the paper's weight (AG 3, CFG 4)
     device: str
     seconds: float
 
-    def to_json(self) -> Dict[str, Dict[str, float]]:
-        """``{method: {"guidance", "precision", "recall", "mean_logp", "outlier_frac", "f1"}}`` for the best w."""
-        return {m: r.row() for m, r in self.best.items()}
+    def to_json(self) -> Dict[str, object]:
+        """``blur_nats``, then ``exact``, ``none``, ``cfg``, ``autoguidance`` (at the paper's weights)
+        and any extra headline row, each ``{guidance, precision, recall, f1, mean_logp, outlier_frac,
+        gross_outlier_frac, mass_by_depth}``, the ``goals`` and the whole ``sweep``."""
+        out: Dict[str, object] = {"blur_nats": dict(self.blur), "exact": {**self.reference.row(), "guidance": None}}
+        out.update({m: r.row() for m, r in self.headline.items()})
+        out["goals"] = goals(self)
+        out["sweep"] = [{"method": r.method, **r.row()} for r in self.sweep]
+        return out
+
+
+def goals(experiment: "Experiment") -> Dict[str, Dict[str, object]]:
+    """The toy's targets (issue 17): each ``{"value", "target", "met"}``; rows at the paper's weights."""
+    e = experiment.reference.metrics
+    h = experiment.headline
+    none, ag, cfg = h["none"].metrics, h["autoguidance"].metrics, h["cfg"].metrics
+
+    def removed(key):
+        excess = none[key] - e[key]
+        return (none[key] - ag[key]) / excess if excess > 0 else float("nan")
+
+    rel = [abs(a / x - 1) if x > 0 else float("inf") for a, x in zip(ag["mass_by_depth"], e["mass_by_depth"])]
+    ag_loss, cfg_loss = none["recall"] - ag["recall"], none["recall"] - cfg["recall"]
+    rows = {
+        "blur_0.01_nats": (experiment.blur.get("0.01", float("nan")), ">= 0.5", lambda v: v >= 0.5),
+        "blur_0.03_nats": (experiment.blur.get("0.03", float("nan")), ">= 4", lambda v: v >= 4),
+        "unguided_outliers_vs_exact": (none["outlier_frac"] / max(e["outlier_frac"], 1e-12), ">= 5x", lambda v: v >= 5),
+        "ag_excess_outliers_removed": (removed("outlier_frac"), ">= 0.60", lambda v: v >= 0.6),
+        "ag_excess_gross_outliers_removed": (removed("gross_outlier_frac"), ">= 0.50", lambda v: v >= 0.5),
+        "ag_precision_gain": (ag["precision"] - none["precision"], ">= 0.03", lambda v: v >= 0.03),
+        "ag_recall_loss": (ag_loss, "<= 0.10", lambda v: v <= 0.10),
+        "ag_recall_loss_vs_cfg": (ag_loss / cfg_loss if cfg_loss > 0 else float("inf"), "<= 0.25", lambda v: v <= 0.25),
+        "ag_mass_by_depth_max_rel_dev": (max(rel), "<= 0.35", lambda v: v <= 0.35),
+    }
+    return {k: {"value": v, "target": t, "met": bool(ok(v))} for k, (v, t, ok) in rows.items()}
 
 
 def _check_weights(name: str, weights: Sequence[float]) -> tuple:
@@ -253,8 +343,8 @@ def run(
     """Sample every method at every w from the same noise and score it against the ground truth.
 
     "none" is D_1 alone (w = 1).  "cfg" guides D_1 with the unconditional model, "autoguidance"
-    with the small, short-trained class-A model.  The best w of a method maximizes the harmonic
-    mean (F1) of precision and recall; ties go to the smaller w.
+    with the small, short-trained class-A model.  The paper's weights (AG :data:`AG_WEIGHT`, CFG
+    :data:`CFG_WEIGHT`) are always sampled and make the headline rows, whatever the sweep holds.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
         raise ValueError(f"n must be an integer > {K}, got {n!r}")
@@ -270,8 +360,9 @@ def run(
     # (the best any sampler can do at this n, since k-NN precision and recall are below 1 even there).
     reference = dist.sample(n, generator=torch.Generator().manual_seed(10_000 + seed))
     exact = dist.sample(n, generator=torch.Generator().manual_seed(20_000 + seed))
-    data = MethodResult("data", float("nan"), score_samples(exact, reference, threshold=threshold), exact)
-    plan = [("none", 1.0)] + [("cfg", w) for w in cfg_weights] + [("autoguidance", w) for w in ag_weights]
+    data = MethodResult("exact", float("nan"), score_samples(exact, reference, threshold=threshold), exact)
+    plan = ([("none", 1.0)] + [("cfg", w) for w in sorted(set(cfg_weights) | {CFG_WEIGHT})]
+            + [("autoguidance", w) for w in sorted(set(ag_weights) | {AG_WEIGHT})])
     sweep = []
     for method, w in plan:
         gnet = models[GUIDES[method]] if GUIDES[method] else None
@@ -280,59 +371,76 @@ def run(
         sweep.append(result)
         if log is not None:
             log(result)
-    best: Dict[str, MethodResult] = {}
-    for r in sweep:
-        cur = best.get(r.method)
-        if cur is None or r.metrics["f1"] > cur.metrics["f1"]:
-            best[r.method] = r
-    return Experiment(n, seed, threshold, data, sweep, best, str(torch.device(device)), time.perf_counter() - start)
+    pick = {"none": 1.0, "cfg": CFG_WEIGHT, "autoguidance": AG_WEIGHT}
+    headline = {m: next(r for r in sweep if r.method == m and r.guidance == w) for m, w in pick.items()}
+    return Experiment(n, seed, threshold, blur_nats("A"), data, sweep, headline, str(torch.device(device)),
+                      time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------ figure
 
 
-def plot(experiment: Experiment, path: Union[str, Path], *, max_points: int = 4096) -> Path:
-    """A PNG like the paper's toy figure: class-A density contours and each method's samples."""
+#: The figure's zoomed inset: a patch of class A's finest branches (x0, x1, y0, y1).
+INSET_BOX = (0.95, 1.35, -0.2, 0.2)
+
+
+def plot(experiment: Experiment, path: Union[str, Path], *, max_points: int = 8192) -> Path:
+    """A PNG like the paper's toy figure (Fig. 1): ground truth, no guidance, CFG and autoguidance
+    at the paper's weights over the class-A density, and below each a zoomed inset of the thin
+    branches (the box drawn on the panel above)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     dist = tree_mixture("A")
-    lo = torch.tensor([-2.0, -1.6])
-    hi = torch.tensor([2.0, 2.0])
-    gx = torch.linspace(float(lo[0]), float(hi[0]), 400, dtype=torch.float64)
-    gy = torch.linspace(float(lo[1]), float(hi[1]), 360, dtype=torch.float64)
-    yy, xx = torch.meshgrid(gy, gx, indexing="ij")
-    logp = dist.log_prob(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)).reshape(yy.shape)
-    levels = [experiment.threshold + d for d in (0.0, 2.0, 4.0, 6.0)]
-    panels = [("ground truth (class A)", experiment.reference)]
+
+    def density(x0, x1, y0, y1, nx, ny):
+        gx = torch.linspace(x0, x1, nx, dtype=torch.float64)
+        gy = torch.linspace(y0, y1, ny, dtype=torch.float64)
+        yy, xx = torch.meshgrid(gy, gx, indexing="ij")
+        return dist.log_prob(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)).reshape(yy.shape)
+
+    full = (-0.85, 1.7, -1.05, 1.05)
+    zoom = INSET_BOX
+    views = [(full, density(*full, 640, 528), 1.2), (zoom, density(*zoom, 400, 400), 4.0)]
     titles = {"none": "no guidance", "cfg": "CFG", "autoguidance": "autoguidance"}
-    for method in ("none", "cfg", "autoguidance"):
-        if method in experiment.best:
-            panels.append((titles[method], experiment.best[method]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
-    for ax, (title, result) in zip(axes[0], panels):
-        # Shaded ground-truth density (log scale, floored below the outlier level) under the samples.
-        ax.contourf(xx.numpy(), yy.numpy(), logp.clamp(min=levels[0] - 2).numpy(), levels=8, cmap="Greys", alpha=0.5)
-        ax.contour(xx.numpy(), yy.numpy(), logp.numpy(), levels=levels[:1], colors="tab:red", linewidths=0.5)
+    panels = [("ground truth (exact samples)", experiment.reference)]
+    panels += [(titles[m], experiment.headline[m]) for m in ("none", "cfg", "autoguidance") if m in experiment.headline]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels), 8.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.0, 1.25]})
+    for col, (title, result) in enumerate(panels):
         pts = result.samples[:max_points]
-        ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=1.5, c="tab:blue", alpha=0.6, linewidths=0)
+        out = dist.log_prob(pts) < experiment.threshold
+        for row, ((x0, x1, y0, y1), logp, size) in enumerate(views):
+            ax = axes[row][col]
+            # The class-A density on a log scale (its top 12 nats) under the samples; outliers
+            # (exact log p below the level holding 1% of class A's own mass) in red.
+            top = float(logp.max())
+            ax.imshow(logp.clamp(min=top - 12).numpy(), extent=(x0, x1, y0, y1), origin="lower",
+                      cmap="Greys", alpha=0.55, interpolation="bilinear", aspect="equal")
+            ax.scatter(pts[~out, 0].numpy(), pts[~out, 1].numpy(), s=size, c="tab:blue", alpha=0.7, linewidths=0)
+            ax.scatter(pts[out, 0].numpy(), pts[out, 1].numpy(), s=size, c="tab:red", alpha=0.8, linewidths=0)
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.add_patch(Rectangle((zoom[0], zoom[2]), zoom[1] - zoom[0], zoom[3] - zoom[2],
+                                       fill=False, edgecolor="black", linewidth=0.8))
         m = result.metrics
         w = "" if math.isnan(result.guidance) else f", w = {result.guidance:g}"
-        ax.set_title(f"{title}{w}\nP {m['precision']:.3f}  R {m['recall']:.3f}  outliers {m['outlier_frac']:.3f}", fontsize=9)
-        ax.set_xlim(float(lo[0]), float(hi[0]))
-        ax.set_ylim(float(lo[1]), float(hi[1]))
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        axes[0][col].set_title(f"{title}{w}\nprecision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+                               f"outliers {m['outlier_frac']:.3f}", fontsize=9)
+        axes[1][col].set_title("zoom: the boxed finest branches", fontsize=8)
     fig.suptitle(
-        f"2-D tree toy, class A: {experiment.n} samples, EDM Heun {NUM_STEPS} steps, sigma_max {SIGMA_MAX:g} "
-        f"(red: outlier threshold, {OUTLIER_QUANTILE:.0%} of class-A mass below it)", fontsize=9,
+        f"2-D tree toy, class A: {experiment.n} samples per method ({min(max_points, experiment.n)} drawn), EDM Heun "
+        f"{NUM_STEPS} steps; red: outliers (exact log p below class A's {OUTLIER_QUANTILE:.0%} level)", fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..nets import register_arch
 
-__all__ = ["ToyDenoiser", "train", "SIGMA_DATA"]
+__all__ = ["ToyDenoiser", "train", "power_ema_exponent", "SIGMA_DATA"]
 
 SIGMA_DATA = 0.5
 
@@ -173,31 +173,62 @@ class ToyDenoiser(nn.Module):
         return torch.addcmul(x, s**2, grad)
 
 
+def power_ema_exponent(std: float) -> float:
+    """The exponent gamma of a power-function EMA whose profile has relative standard deviation ``std``.
+
+    EDM2 (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models")
+    averages with beta_t = (1 - 1/t)^(gamma + 1), whose weight profile over training has relative
+    std sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))); this inverts that (it decreases in gamma).
+    """
+    if not (isinstance(std, numbers.Real) and 0 < std < 0.2886):
+        raise ValueError(f"ema_std must be a number in (0, 0.2886), got {std!r}")
+
+    def rel_std(g):
+        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+
+    lo, hi = 0.0, 1e9  # gamma >= 0: where the std falls monotonically from 0.2887
+    for _ in range(200):
+        mid = math.sqrt((lo + 1) * (hi + 1)) - 1  # bisection in log(gamma + 1)
+        if rel_std(mid) > std:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def train(
     model: ToyDenoiser,
-    target_denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    target_denoiser: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     sample_data: Callable[[int, torch.Generator], torch.Tensor],
     *,
     iterations: int,
     batch_size: int = 4096,
     lr: float = 1e-2,
-    ema_halflife: float = 0.05,
-    sigma_min: float = 0.002,
-    sigma_max: float = 5.0,
+    lr_ref: int = 512,
+    ema_std=0.010,
+    p_mean: float = -2.3,
+    p_std: float = 1.5,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     log: Optional[Callable[[int, float], None]] = None,
+    on_step: Optional[Callable[[int, object], None]] = None,
 ) -> ToyDenoiser:
-    """Fit ``model`` to the exact denoiser and return an EMA copy of it (in eval mode).
+    """Fit ``model`` as a denoiser and return its power-function EMA (in eval mode).
 
-    ``target_denoiser(x, sigma)`` gives the ideal D for points x [N, 2] at noise levels sigma [N];
-    ``sample_data(n, generator)`` draws clean data.  Each iteration draws sigma log-uniformly in
-    [sigma_min, sigma_max], noisy points x = y + sigma n, and minimizes the EDM-weighted squared
-    error lambda(sigma) |D_theta(x; sigma) - D(x; sigma)|^2 with lambda = (sigma^2 + sigma_data^2) /
-    (sigma sigma_data)^2, which makes every noise level contribute at unit scale.  Adam with a
-    1/sqrt(t) learning-rate decay; the EMA half-life is a fraction of the iterations done so far.
-    The parameters stay float64; the forward pass runs in ``dtype``.
+    ``sample_data(n, generator)`` draws clean data y.  Each iteration draws sigma log-normally
+    (log sigma ~ N(p_mean, p_std^2), EDM's training distribution), noisy points x = y + sigma n, and
+    minimizes the EDM-weighted squared error lambda(sigma) |D_theta(x; sigma) - target|^2 with
+    lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, which makes every noise level
+    contribute at unit scale.  The target is ``target_denoiser(x, sigma)`` (the exact denoiser of
+    the ground truth: same optimum as denoising score matching, far less gradient noise), or y
+    itself when ``target_denoiser`` is None (denoising score matching).  Adam at ``lr`` up to
+    iteration ``lr_ref``, then decaying as 1/sqrt(t / lr_ref); the returned weights are a
+    power-function EMA with relative std ``ema_std`` (see :func:`power_ema_exponent`); for a
+    sequence of stds, a list of one EMA per std (from the same run).
+    The parameters stay float64; the forward pass runs in ``dtype``.  ``on_step(t, ema)``, if
+    given, sees the EMA (or the list of them) after each iteration t = 1..iterations: a snapshot
+    there is the model a run of t iterations returns (the schedules depend on t only).
     """
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
@@ -205,8 +236,12 @@ def train(
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(lr_ref, bool) or not isinstance(lr_ref, numbers.Integral) or lr_ref < 1:
+        raise ValueError(f"lr_ref must be an integer >= 1, got {lr_ref!r}")
+    several = isinstance(ema_std, (list, tuple))
+    gammas = [power_ema_exponent(v) for v in (ema_std if several else [ema_std])]
     gen = torch.Generator().manual_seed(int(seed))
-    ema = copy.deepcopy(model).eval()
+    emas = [copy.deepcopy(model).eval() for _ in gammas]
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     steps = range(iterations)
@@ -214,13 +249,15 @@ def train(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="train", unit="it")
-    log_lo, log_hi = math.log(sigma_min), math.log(sigma_max)
     for it in steps:
         y = sample_data(batch_size, gen).to(torch.float64)
-        sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(batch_size, generator=gen, dtype=torch.float64))
+        sigma = torch.exp(p_mean + p_std * torch.randn(batch_size, generator=gen, dtype=torch.float64))
         x = y + sigma[:, None] * torch.randn(y.shape, generator=gen, dtype=torch.float64)
-        with torch.no_grad():
-            target = target_denoiser(x, sigma).to(dtype)
+        if target_denoiser is None:
+            target = y.to(dtype)
+        else:
+            with torch.no_grad():
+                target = target_denoiser(x, sigma).to(dtype)
         weight = ((sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2).to(dtype)
         # Data and target are drawn in float64; the network runs in ``dtype`` (float32 is 2.5x faster
         # on a CPU, and the sampler evaluates it in float32 anyway).
@@ -228,14 +265,17 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
-            group["lr"] = lr / math.sqrt(max(it / 100, 1))  # inverse-sqrt decay after a warm start
+            group["lr"] = lr / math.sqrt(max(it / lr_ref, 1))  # constant, then inverse-sqrt decay
         opt.step()
-        # EMA whose half-life grows with training (a fixed fraction of the steps taken so far).
-        beta = 0.5 ** (1 / max(ema_halflife * (it + 1), 1e-8))
+        # Power-function EMA (EDM2): the average's length grows in proportion to training time.
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)
+            for ema, gamma in zip(emas, gammas):
+                beta = (1 - 1 / (it + 1)) ** (gamma + 1)
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p.detach(), 1 - beta)
         if log is not None:
             log(it, float(loss.detach()))
+        if on_step is not None:
+            on_step(it + 1, emas if several else emas[0])
     model.eval()
-    return ema
+    return emas if several else emas[0]
