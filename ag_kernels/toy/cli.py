@@ -44,18 +44,25 @@ def _backend_check(models, result: ex.MethodResult, n: int, seed: int, device) -
     guide = ex.GUIDES[result.method]
     gnet = models[guide] if guide else None
     ref = ex.sample(models["main"], gnet, result.guidance, n, seed=seed, device=device, backend="torch")
+    # The yardstick: how far the torch run itself moves when its starting noise moves by one
+    # float32 ulp.  Near thin branches guided trajectories amplify last-bit differences (1e-5 held
+    # for the old, fat tree; on this one an ulp moves a few samples by ~5e-5), so backends must
+    # agree within 1e-5 or 4x that sensitivity, whichever is larger.
+    nudged = ex.sample(models["main"], gnet, result.guidance, n, seed=seed, device=device, backend="torch", nudge=True)
+    scale = float(ref.abs().max())
+    sensitivity = float((nudged - ref).abs().max()) / scale
+    bound = max(1e-5, 4 * sensitivity)
     worst, parts = 0.0, []
     for b in available_backends(device):
         if b == "torch":
             continue
         out = ex.sample(models["main"], gnet, result.guidance, n, seed=seed, device=device, backend=b)
-        diff = float((out - ref).abs().max() / ref.abs().max())
+        diff = float((out - ref).abs().max()) / scale
         worst = max(worst, diff)
         parts.append(f"{b} {diff:.1e}")
-    # float32 sampler and networks: backends differ only in the rounding of the fused step, and
-    # 32 steps of a smooth ODE keep that within 1e-5 relative (issue 4's sampler-level bound).
-    ok = worst <= 1e-5
-    print(f"backends vs torch ({result.method}, w = {result.guidance:g}, {n} samples, max rel diff): "
+    ok = worst <= bound
+    print(f"backends vs torch ({result.method}, w = {result.guidance:g}, {n} samples, max rel diff; bound {bound:.1e}, "
+          f"from torch's own one-ulp sensitivity {sensitivity:.1e}): "
           f"{', '.join(parts) or 'no other backend available'} -> {'ok' if ok else 'MISMATCH'}")
     return ok
 
