@@ -15,6 +15,7 @@ import pickle
 import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,17 +59,9 @@ STANDIN_FILES = {
                 c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
                 return c_skip * x + c_out * f
     ''',
-    "training/encoders.py": '''
-        import torch
-        from torch_utils import persistence
-
-        @persistence.persistent_class
-        class StandardRGBEncoder:
-            def init(self, device):
-                pass
-
-            def decode(self, x):
-                return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    # The pixel encoder of the static stand-in checkout (tests/edm_standin), plus a VAE encoder.
+    "training/encoders.py": (Path(__file__).parent / "edm_standin" / "training" / "encoders.py").read_text()
+    + textwrap.dedent('''
 
         @persistence.persistent_class
         class StabilityVAEEncoder:
@@ -91,7 +84,7 @@ STANDIN_FILES = {
                 self.batch_sizes.append(self.batch_size)
                 out = torch.cat([self._vae(b) for b in x.to(torch.float32).split(self.batch_size)])
                 return out.clamp(0, 1).mul(255).to(torch.uint8)
-    ''',
+    '''),
 }
 
 FAKE_DIFFUSERS = '''

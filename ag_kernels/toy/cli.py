@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import experiment as ex
+from .distribution import TREE_LEVELS
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=8192, help="samples per method and w (default 8192)")
@@ -88,7 +89,7 @@ def run_demo(parser: argparse.ArgumentParser, args) -> int:
           f"backend {args.backend}; {args.n} samples per row, same noise for every row")
     print(f"  metrics vs {args.n} exact class-A samples: improved precision/recall (k = {ex.K}); outliers = exact "
           f"log p below the {ex.OUTLIER_QUANTILE:.0%} quantile of class A, gross = {ex.GROSS_NATS:g} nats further below; "
-          f"mass per tree level 0 (trunk) .. {len(ex.tree_depths('A').unique()) - 1}")
+          f"mass per tree level 0 (trunk) .. {TREE_LEVELS - 1}")
     print()
     header = (f"{'method':<13} {'w':>5} {'precision':>9} {'recall':>7} {'outliers':>8} {'gross':>8} {'mean log p':>10}  "
               f"mass by tree level")

@@ -15,17 +15,17 @@ components per branch, widths from ~0.016 at the trunk to ~0.004 at the finest l
 proportional to branch length x 0.5^depth, two classes growing in opposite directions), built
 with our own code:
 
-* A recursive binary tree of straight branches, depths 0..6 (``_TREE_LEVELS = 7``: 127 branches).
+* A recursive binary tree of straight branches, depths 0..6 (``TREE_LEVELS = 7``: 127 branches).
   The trunk of class A starts at the root and leans right (``_TREE_TRUNK_ANGLE`` degrees).  Each
-  branch of depth d < 6 has two children starting at its tip, turned by about +-30 degrees with
-  length factors of about 0.72; every turn and length factor has a mild random jitter.
+  branch of depth d < 6 has two children starting at its tip, turned by +-34 degrees with
+  length factor 0.8; every turn (+-6 degrees) and length factor (+-8%) has a mild random jitter.
 * Each branch is a row of ``_TREE_COMPONENTS_PER_BRANCH = 8`` Gaussians centred on 8 equal
   segments.  Across the branch the standard deviation is ``_TREE_WIDTHS[0] = 0.016`` at the trunk,
   shrinking geometrically to ``_TREE_WIDTHS[1] = 0.004`` at depth 6; along it, half the spacing of
   the components (so a branch is a continuous ridge) but never below the width (round-ish at the
   tips).  Widths are in the final data frame.
 * A branch's components share weight branch length x 0.5^depth (so a whole level carries about
-  0.72^depth of the trunk's mass); weights are normalised to sum to 1.
+  0.8^depth of the trunk's mass); weights are normalised to sum to 1.
 * Class "B" is A mirrored in the vertical axis x = 0 through the root: the two trees grow from
   one root in opposite directions (A to the right, B to the left), their trunks close near the
   root.  Class "AB" is their union with weight 1/2 each.

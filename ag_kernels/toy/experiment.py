@@ -269,7 +269,7 @@ def score_samples(samples: torch.Tensor, reference: torch.Tensor, *, threshold: 
 
 @dataclasses.dataclass
 class MethodResult:
-    method: str          # "none", "cfg", "autoguidance", "autoguidance+interval" (or "exact": exact samples)
+    method: str          # "none", "cfg", "autoguidance" (or "exact": exact samples)
     guidance: float
     metrics: Dict[str, object]
     samples: torch.Tensor = dataclasses.field(repr=False)
@@ -291,8 +291,8 @@ class Experiment:
     seconds: float
 
     def to_json(self) -> Dict[str, object]:
-        """``blur_nats``, then ``exact``, ``none``, ``cfg``, ``autoguidance`` (at the paper's weights)
-        and any extra headline row, each ``{guidance, precision, recall, f1, mean_logp, outlier_frac,
+        """``blur_nats``, then ``exact``, ``none``, ``cfg``, ``autoguidance`` (at the paper's weights),
+        each ``{guidance, precision, recall, f1, mean_logp, outlier_frac,
         gross_outlier_frac, mass_by_depth}``, the ``goals`` and the whole ``sweep``."""
         out: Dict[str, object] = {"blur_nats": dict(self.blur), "exact": {**self.reference.row(), "guidance": None}}
         out.update({m: r.row() for m, r in self.headline.items()})
@@ -349,7 +349,7 @@ def run(
     """Sample every method at every w from the same noise and score it against the ground truth.
 
     "none" is D_1 alone (w = 1).  "cfg" guides D_1 with the unconditional model, "autoguidance"
-    with the small, short-trained class-A model.  The paper's weights (AG :data:`AG_WEIGHT`, CFG
+    with the short-trained class-A model (main's own run at 1/16).  The paper's weights (AG :data:`AG_WEIGHT`, CFG
     :data:`CFG_WEIGHT`) are always sampled and make the headline rows, whatever the sweep holds.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
