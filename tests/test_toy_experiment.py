@@ -75,6 +75,30 @@ def test_toy_train_command_writes_loadable_models(tmp_path, capsys):
     assert "training main" in capsys.readouterr().out
 
 
+def test_train_models_lockstep_groups_equal_separate_runs(tmp_path, monkeypatch):
+    """Roots with the same data, seed, target and length train in one loop (targets computed once),
+    and every file, snapshots included, is bitwise what training that model alone writes."""
+    specs = {
+        "big": ex.ModelSpec("big", "A", 8, 3, 6, 5, "big"),
+        "small": ex.ModelSpec("small", "A", 4, 2, 6, 5, "small"),
+        "early": ex.ModelSpec("early", "A", 8, 3, 3, 5, "big at 3", snapshot_of="big"),
+        "other": ex.ModelSpec("other", "AB", 4, 2, 4, 5, "other data"),
+    }
+    monkeypatch.setattr(ex, "MODELS", specs)
+    lines = []
+    ex.train_models(tmp_path / "all", batch_size=64, progress=False, log=lines.append)
+    log = json.loads((tmp_path / "all" / "train_log.json").read_text())
+    assert log["big"]["trained_with"] == ["small"] and log["small"]["trained_with"] == ["big"]
+    assert "trained_with" not in log["other"] and log["early"]["iterations"] == 3
+    for name in ("big", "small", "other", "early"):
+        ex.train_models(tmp_path / name, names=[name], batch_size=64, progress=False, log=lines.append)
+        together = torch.load(tmp_path / "all" / f"{name}.pt", weights_only=True)["state_dict"]
+        alone = torch.load(tmp_path / name / f"{name}.pt", weights_only=True)["state_dict"]
+        assert together.keys() == alone.keys()
+        for key in alone:
+            assert torch.equal(together[key], alone[key]), (name, key)
+
+
 def test_train_models_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="names"):
         ex.train_models(tmp_path, names=["nope"], progress=False)

@@ -164,6 +164,38 @@ def test_denoising_score_matching_and_snapshots(gen):
     assert err < 0.7 * err0
 
 
+def test_lockstep_training_equals_separate_runs(gen):
+    """Models trained together (one set of batches and targets) end bitwise equal to their own runs,
+    with per-model losses and EMAs; the target is computed once per iteration, not once per model."""
+    seed = int(torch.randint(1000, (), generator=gen))
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(1)
+        return exact_denoiser(x, sigma)
+
+    shapes = [(8, 2, seed), (4, 3, seed + 1), (8, 2, seed + 2)]
+    losses, seen = [], []
+    together = train([ToyDenoiser(hidden=h, layers=l, seed=s) for h, l, s in shapes], counted, sample_data,
+                     iterations=12, batch_size=128, seed=seed, ema_std=[0.05, 0.1],
+                     log=lambda it, loss: losses.append(loss), on_step=lambda t, emas: seen.append(len(emas)))
+    assert len(calls) == 12 and seen == [3] * 12 and all(len(v) == 3 for v in losses)
+    assert isinstance(together, list) and len(together) == 3 and all(len(e) == 2 for e in together)
+    for i, (h, l, s) in enumerate(shapes):
+        own_losses = []
+        alone = train(ToyDenoiser(hidden=h, layers=l, seed=s), exact_denoiser, sample_data, iterations=12,
+                      batch_size=128, seed=seed, ema_std=[0.05, 0.1], log=lambda it, loss: own_losses.append(loss))
+        assert own_losses == [v[i] for v in losses]
+        for ema_a, ema_t in zip(alone, together[i]):
+            for a, b in zip(ema_a.parameters(), ema_t.parameters()):
+                assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="twice"):
+        m = ToyDenoiser(hidden=4, layers=2)
+        train([m, m], exact_denoiser, sample_data, iterations=1)
+    with pytest.raises(TypeError, match="model"):
+        train([], exact_denoiser, sample_data, iterations=1)
+
+
 def test_samples_through_edm_sampler(gen):
     """The model plugs into edm_sampler (net(x, t, labels), float32 points) and gives finite samples."""
     model = ToyDenoiser(hidden=16, layers=2, seed=0).eval()

@@ -128,42 +128,57 @@ def train_models(
     runs: Dict[str, List[str]] = {}
     for name in names:
         runs.setdefault(MODELS[name].snapshot_of or name, []).append(name)
+    members = {root: [root] + [n for n, s in MODELS.items() if s.snapshot_of == root] for root in runs}
+    length = {n: max(1, round(MODELS[n].iterations * iterations_scale)) for ms in members.values() for n in ms}
+    stds = {root: sorted({MODELS[n].ema_std for n in members[root]}) for root in runs}
+    total = {root: max(length[n] for n in wanted) for root, wanted in runs.items()}
+    # Roots that see the same batches (data, seed, target, length) train in lockstep: the exact
+    # targets, most of an iteration's cost, are computed once for all of them (bitwise the same runs).
+    groups: Dict[tuple, List[str]] = {}
+    for root in runs:
+        s_ = MODELS[root]
+        key = (s_.data, s_.seed, s_.target, total[root], tuple(stds[root]))
+        groups.setdefault(key, []).append(root)
     paths = {}
-    for root, wanted in runs.items():
-        spec = MODELS[root]
-        dist = tree_mixture(spec.data)
-        members = [root] + [n for n, s in MODELS.items() if s.snapshot_of == root]
-        length = {n: max(1, round(MODELS[n].iterations * iterations_scale)) for n in members}
-        stds = sorted({MODELS[n].ema_std for n in members})
-        total = max(length[n] for n in wanted)
-        losses: List[float] = []
+    for (data, seed, target_kind, steps, group_stds), roots in groups.items():
+        dist = tree_mixture(data)
+        losses: Dict[str, List[float]] = {root: [] for root in roots}
         start = time.perf_counter()
-        log(f"training {root}: {spec.role}" + (f" (scaled to {total} iterations)" if total != spec.iterations else ""))
+        for root in roots:
+            spec = MODELS[root]
+            log(f"training {root}: {spec.role}" + (f" (scaled to {steps} iterations)" if steps != spec.iterations else ""))
 
-        def keep(t: int, emas, wanted=wanted, length=length, stds=stds, losses=losses, start=start) -> None:
-            for name in wanted:
-                if length[name] != t:
-                    continue
-                s = MODELS[name]
-                path = outdir / f"{name}.pt"
-                save_net(emas[stds.index(s.ema_std)], path)
-                paths[name] = path
-                tail = losses[-max(1, len(losses) // 10):]
-                record[name] = {
-                    **dataclasses.asdict(s), "iterations": t, "batch_size": batch_size,
-                    "first_loss": losses[0], "final_loss_mean_last_10pct": sum(tail) / len(tail),
-                    "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
-                }
-                log(f"  {path}: loss {losses[0]:.3f} -> {record[name]['final_loss_mean_last_10pct']:.3f} "
-                    f"after {t} iterations, {record[name]['seconds']:.0f} s")
+        def keep(t: int, emas, roots=roots, losses=losses, start=start, stds=list(group_stds)) -> None:
+            for root, root_emas in zip(roots, emas):
+                for name in runs[root]:
+                    if length[name] != t:
+                        continue
+                    s = MODELS[name]
+                    path = outdir / f"{name}.pt"
+                    save_net(root_emas[stds.index(s.ema_std)], path)
+                    paths[name] = path
+                    mine = losses[root]
+                    tail = mine[-max(1, len(mine) // 10):]
+                    record[name] = {
+                        **dataclasses.asdict(s), "iterations": t, "batch_size": batch_size,
+                        "first_loss": mine[0], "final_loss_mean_last_10pct": sum(tail) / len(tail),
+                        "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+                    }
+                    if len(roots) > 1:
+                        record[name]["trained_with"] = [r for r in roots if r != root]
+                    log(f"  {path}: loss {mine[0]:.3f} -> {record[name]['final_loss_mean_last_10pct']:.3f} "
+                        f"after {t} iterations, {record[name]['seconds']:.0f} s")
+
+        def log_losses(it: int, values, roots=roots, losses=losses) -> None:
+            for root, value in zip(roots, values):
+                losses[root].append(value)
 
         # Exact targets computed in float32: ~1e-6 from float64's, far below the networks' errors.
-        target = None if spec.target == "dsm" else (lambda x, s, d=dist: d.denoise(x, s, work_dtype=torch.float32))
+        target = None if target_kind == "dsm" else (lambda x, s, d=dist: d.denoise(x, s, work_dtype=torch.float32))
         train(
-            ToyDenoiser(hidden=spec.hidden, layers=spec.layers, seed=spec.seed), target,
-            lambda n, g, d=dist: d.sample(n, generator=g), iterations=total, batch_size=batch_size,
-            seed=spec.seed, ema_std=list(stds), progress=progress,
-            log=lambda it, loss, losses=losses: losses.append(loss), on_step=keep,
+            [ToyDenoiser(hidden=MODELS[r].hidden, layers=MODELS[r].layers, seed=MODELS[r].seed) for r in roots], target,
+            lambda n, g, d=dist: d.sample(n, generator=g), iterations=steps, batch_size=batch_size,
+            seed=seed, ema_std=list(group_stds), progress=progress, log=log_losses, on_step=keep,
         )
     log_path.write_text(json.dumps(record, indent=2) + "\n")
     return paths

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -197,7 +197,7 @@ def power_ema_exponent(std: float) -> float:
 
 
 def train(
-    model: ToyDenoiser,
+    model: Union[ToyDenoiser, Sequence[ToyDenoiser]],
     target_denoiser: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     sample_data: Callable[[int, torch.Generator], torch.Tensor],
     *,
@@ -229,6 +229,11 @@ def train(
     The parameters stay float64; the forward pass runs in ``dtype``.  ``on_step(t, ema)``, if
     given, sees the EMA (or the list of them) after each iteration t = 1..iterations: a snapshot
     there is the model a run of t iterations returns (the schedules depend on t only).
+
+    ``model`` may be a sequence of models: they train in lockstep on the same batches and targets
+    (drawn and computed once), each with its own optimizer and EMAs, and each ends bitwise equal to
+    a run of its own with the same arguments (the exact targets are most of an iteration's cost).
+    Then the result, ``log``'s loss and ``on_step``'s EMAs are lists with one entry per model.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
@@ -240,10 +245,18 @@ def train(
         raise ValueError(f"lr_ref must be an integer >= 1, got {lr_ref!r}")
     several = isinstance(ema_std, (list, tuple))
     gammas = [power_ema_exponent(v) for v in (ema_std if several else [ema_std])]
+    group = isinstance(model, (list, tuple))
+    models = list(model) if group else [model]
+    if not models or any(not isinstance(m, nn.Module) for m in models):
+        raise TypeError("model must be a ToyDenoiser or a non-empty sequence of them")
+    if len({id(m) for m in models}) != len(models):
+        raise ValueError("model: the same module appears twice; give each run its own model")
     gen = torch.Generator().manual_seed(int(seed))
-    emas = [copy.deepcopy(model).eval() for _ in gammas]
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    emas = [[copy.deepcopy(m).eval() for _ in gammas] for m in models]
+    opts = []
+    for m in models:
+        m.train()
+        opts.append(torch.optim.Adam(m.parameters(), lr=lr, betas=(0.9, 0.99)))
     steps = range(iterations)
     if progress:
         from tqdm.auto import tqdm
@@ -261,21 +274,28 @@ def train(
         weight = ((sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2).to(dtype)
         # Data and target are drawn in float64; the network runs in ``dtype`` (float32 is 2.5x faster
         # on a CPU, and the sampler evaluates it in float32 anyway).
-        loss = (weight * ((model(x.to(dtype), sigma.to(dtype)) - target) ** 2).sum(dim=1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:
-            group["lr"] = lr / math.sqrt(max(it / lr_ref, 1))  # constant, then inverse-sqrt decay
-        opt.step()
-        # Power-function EMA (EDM2): the average's length grows in proportion to training time.
-        with torch.no_grad():
-            for ema, gamma in zip(emas, gammas):
-                beta = (1 - 1 / (it + 1)) ** (gamma + 1)
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p.detach(), 1 - beta)
+        x_in, sigma_in = x.to(dtype), sigma.to(dtype)
+        losses = []
+        for m, opt, m_emas in zip(models, opts, emas):
+            loss = (weight * ((m(x_in, sigma_in) - target) ** 2).sum(dim=1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for param_group in opt.param_groups:
+                param_group["lr"] = lr / math.sqrt(max(it / lr_ref, 1))  # constant, then inverse-sqrt decay
+            opt.step()
+            # Power-function EMA (EDM2): the average's length grows in proportion to training time.
+            with torch.no_grad():
+                for ema, gamma in zip(m_emas, gammas):
+                    beta = (1 - 1 / (it + 1)) ** (gamma + 1)
+                    for p_ema, p in zip(ema.parameters(), m.parameters()):
+                        p_ema.lerp_(p.detach(), 1 - beta)
+            losses.append(float(loss.detach()))
         if log is not None:
-            log(it, float(loss.detach()))
+            log(it, losses if group else losses[0])
         if on_step is not None:
-            on_step(it + 1, emas if several else emas[0])
-    model.eval()
-    return emas if several else emas[0]
+            views = [e if several else e[0] for e in emas]
+            on_step(it + 1, views if group else views[0])
+    for m in models:
+        m.eval()
+    result = [e if several else e[0] for e in emas]
+    return result if group else result[0]
