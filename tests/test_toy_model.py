@@ -40,9 +40,10 @@ def test_untrained_model_is_the_gaussian_denoiser(gen):
         assert torch.allclose(model(x, sigma), c_skip * x, rtol=1e-12, atol=1e-14)
 
 
-def test_denoiser_is_tweedie_of_log_prob(gen):
+@pytest.mark.parametrize("fourier", [0, 6])
+def test_denoiser_is_tweedie_of_log_prob(fourier, gen):
     """D(x) - x equals sigma^2 times the finite-difference gradient of log_prob (a model with a nonzero gain)."""
-    model = ToyDenoiser(hidden=16, layers=3, seed=3)
+    model = ToyDenoiser(hidden=16, layers=3, seed=3, fourier=fourier, fourier_scale=2.0)
     with torch.no_grad():
         model.gain.fill_(0.7)
     x = torch.randn(20, 2, generator=gen, dtype=torch.float64)
@@ -59,10 +60,13 @@ def test_denoiser_is_tweedie_of_log_prob(gen):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=str)
 @pytest.mark.parametrize("layers", [1, 2, 4])
-def test_sampling_path_matches_autograd(dtype, tol, layers, gen):
+@pytest.mark.parametrize("fourier", [0, 5])
+def test_sampling_path_matches_autograd(dtype, tol, layers, fourier, gen):
     """Without grad mode, forward runs a hand-written backward pass: it must equal autograd's D,
-    also after the weights change in place (its cached normalized weights are refreshed)."""
-    model = ToyDenoiser(hidden=24, layers=layers, seed=int(torch.randint(1000, (), generator=gen))).eval()
+    also after the weights change in place (its cached normalized weights are refreshed); with
+    Fourier features too (their chain rule is written out there)."""
+    extra = dict(fourier=fourier, fourier_scale=2.0) if fourier else {}
+    model = ToyDenoiser(hidden=24, layers=layers, seed=int(torch.randint(1000, (), generator=gen)), **extra).eval()
     x = (2 * torch.randn(37, 2, generator=gen, dtype=torch.float64)).to(dtype)
     sigma = torch.exp(2 * torch.randn(37, generator=gen, dtype=torch.float64)).to(dtype)
     for gain in (0.7, -1.3):
@@ -78,7 +82,7 @@ def test_sampling_path_matches_autograd(dtype, tol, layers, gen):
         assert (fast - exact).abs().max() <= tol * scale, (fast - exact).abs().max() / scale
         assert torch.allclose(fast_scalar, model(x, sigma[0]), rtol=0, atol=tol * float(scale))
     # A state dict loaded into it (as checkpoint loading does) is used, not the cached weights.
-    other = ToyDenoiser(hidden=24, layers=layers, seed=999)
+    other = ToyDenoiser(hidden=24, layers=layers, seed=999, **extra)
     with torch.no_grad():
         other.gain.fill_(0.5)
     model.load_state_dict(other.state_dict())
@@ -204,6 +208,32 @@ def test_samples_through_edm_sampler(gen):
     noise = torch.randn(64, 2, generator=gen)
     out = ag_kernels.edm_sampler(model, noise, num_steps=8, sigma_max=5.0, backend="torch")
     assert out.shape == (64, 2) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_fourier_features_kwargs_and_checkpoint(tmp_path, gen):
+    """The plain MLP's kwargs (and so its checkpoints) carry no Fourier keys; a Fourier model's do,
+    and a checkpoint round trip gives the same frequencies (a buffer, not trained) and outputs."""
+    from ag_kernels.checkpoint import load_net, save_net
+
+    assert set(ToyDenoiser(hidden=8, layers=2).init_kwargs) == {"hidden", "layers", "seed", "dim"}
+    model = ToyDenoiser(hidden=8, layers=2, seed=4, fourier=3, fourier_scale=5.0)
+    assert model.init_kwargs["fourier"] == 3 and model.init_kwargs["fourier_scale"] == 5.0
+    assert "freqs" not in dict(model.named_parameters()) and model.freqs.shape == (3, 2)
+    assert torch.equal(model.freqs, ToyDenoiser(hidden=8, layers=2, seed=4, fourier=3, fourier_scale=5.0).freqs)
+    with torch.no_grad():
+        model.gain.fill_(0.9)
+    save_net(model, tmp_path / "f.pt")
+    back = load_net(tmp_path / "f.pt").eval()
+    x = torch.randn(9, 2, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(back(x, 0.05), model.eval()(x, 0.05))
+    # The damping: at a large sigma the features are gone, so the frequencies cannot matter.
+    z, a = model._features(x, torch.full((9, 1), 10.0, dtype=torch.float64))
+    assert a.max() < 1e-30
+    with pytest.raises(ValueError, match="fourier"):
+        ToyDenoiser(fourier=-1)
+    with pytest.raises(ValueError, match="fourier_scale"):
+        ToyDenoiser(fourier=2, fourier_scale=0)
 
 
 def test_bad_arguments():

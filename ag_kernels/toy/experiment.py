@@ -58,6 +58,8 @@ class ModelSpec:
     ema_std: float = 0.010
     target: str = "exact"   # "exact": the ground truth's denoiser; "dsm": the clean sample
     snapshot_of: Optional[str] = None
+    fourier: int = 0             # Fourier features of the input (ToyDenoiser's ``fourier``; 0: plain MLP)
+    fourier_scale: float = 16.0
 
 
 #: The toy models: D_1, autoguidance's D_0 and CFG's D_0 (see the README for how they were chosen).
@@ -176,12 +178,17 @@ def train_models(
         # Exact targets computed in float32: ~1e-6 from float64's, far below the networks' errors.
         target = None if target_kind == "dsm" else (lambda x, s, d=dist: d.denoise(x, s, work_dtype=torch.float32))
         train(
-            [ToyDenoiser(hidden=MODELS[r].hidden, layers=MODELS[r].layers, seed=MODELS[r].seed) for r in roots], target,
+            [_build(MODELS[r]) for r in roots], target,
             lambda n, g, d=dist: d.sample(n, generator=g), iterations=steps, batch_size=batch_size,
             seed=seed, ema_std=list(group_stds), progress=progress, log=log_losses, on_step=keep,
         )
     log_path.write_text(json.dumps(record, indent=2) + "\n")
     return paths
+
+
+def _build(spec: ModelSpec) -> ToyDenoiser:
+    extra = dict(fourier=spec.fourier, fourier_scale=spec.fourier_scale) if spec.fourier else {}
+    return ToyDenoiser(hidden=spec.hidden, layers=spec.layers, seed=spec.seed, **extra)
 
 
 def load_models(directory: Union[str, Path, None] = None, *, device: Union[str, torch.device] = "cpu") -> Dict[str, ToyDenoiser]:

@@ -65,30 +65,54 @@ class ToyDenoiser(nn.Module):
         layers: hidden layers (4 in the paper's toy).
         seed: initialization seed (deterministic).
         dim: data dimension (2).
+        fourier: random Fourier features of x added to the input (0: the paper's plain MLP).  Each
+            frequency f (drawn once from the seed, N(0, fourier_scale^2) cycles per unit of x) gives
+            sqrt(2) sin/cos(2 pi f.x), damped by exp(-2 pi^2 |f|^2 sigma^2): the factor by which noise
+            of level sigma damps that frequency of the data density, so detail finer than sigma
+            cannot leak into the noisier levels.
+        fourier_scale: the frequencies' standard deviation (cycles per unit of x).
 
     ``forward(x, sigma, labels=None)`` returns D(x; sigma) [N, dim] (``labels`` is ignored: one model
     per class).  ``log_prob(x, sigma)`` returns the modelled log-density (up to a constant).
     """
 
-    def __init__(self, hidden: int = 64, layers: int = 4, seed: int = 0, dim: int = 2):
+    def __init__(self, hidden: int = 64, layers: int = 4, seed: int = 0, dim: int = 2, fourier: int = 0,
+                 fourier_scale: float = 16.0):
         super().__init__()
-        for name, value, low in (("hidden", hidden, 1), ("layers", layers, 1), ("dim", dim, 1)):
+        for name, value, low in (("hidden", hidden, 1), ("layers", layers, 1), ("dim", dim, 1), ("fourier", fourier, 0)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(fourier_scale, bool) or not isinstance(fourier_scale, numbers.Real) or not 0 < fourier_scale < 1e4:
+            raise ValueError(f"fourier_scale must be a number in (0, 1e4), got {fourier_scale!r}")
         self.init_kwargs = dict(hidden=int(hidden), layers=int(layers), seed=int(seed), dim=int(dim))
+        if fourier:
+            # Only then: checkpoints of the plain MLP keep their kwargs (and bytes) as before.
+            self.init_kwargs.update(fourier=int(fourier), fourier_scale=float(fourier_scale))
         gen = torch.Generator().manual_seed(int(seed))
         self.dim = int(dim)
-        # Input: the preconditioned point, the noise embedding and a constant 1 (a bias through the
-        # normalized weights).
-        self.inp = _MPLinear(self.dim + 2, hidden, gen)
+        self.fourier = int(fourier)
+        if self.fourier:
+            fgen = torch.Generator().manual_seed(int(seed) + 1_000_003)
+            freqs = torch.randn(self.fourier, self.dim, generator=fgen, dtype=torch.float64) * float(fourier_scale)
+            self.register_buffer("freqs", freqs)
+        # Input: the preconditioned point, the noise embedding, a constant 1 (a bias through the
+        # normalized weights) and the Fourier features, if any.
+        self.inp = _MPLinear(self.dim + 2 + 2 * self.fourier, hidden, gen)
         self.hidden = nn.ModuleList([_MPLinear(hidden, hidden, gen) for _ in range(layers - 1)])
         self.out = _MPLinear(hidden, 1, gen)
         # A learned output gain starting at 0: the untrained model is the Gaussian N(0, sigma_data^2).
         self.gain = nn.Parameter(torch.zeros((), dtype=torch.float64))
 
-    def _energy(self, u: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, s: torch.Tensor):
+        """The damped Fourier features' phases z = 2 pi x f^T and damping a [N, F] (see the class doc)."""
+        f = self.freqs.to(x.dtype)
+        z = (2 * math.pi) * (x @ f.t())
+        a = torch.exp((-2 * math.pi**2) * (s**2) * (f**2).sum(1))
+        return z, a
+
+    def _energy(self, u: torch.Tensor, c_noise: torch.Tensor, extra=()) -> torch.Tensor:
         ones = torch.ones_like(c_noise)
-        h = self.inp(torch.cat([u, c_noise, ones], dim=1))
+        h = self.inp(torch.cat([u, c_noise, ones, *extra], dim=1))
         for layer in self.hidden:
             # Magnitude-preserving residual sum: (a + b) / sqrt(2) for unit-magnitude a and b.
             h = (h + layer(_mp_silu(h))) / math.sqrt(2)
@@ -105,7 +129,11 @@ class ToyDenoiser(nn.Module):
         s = self._sigma(x, sigma)
         var = s**2 + SIGMA_DATA**2
         u = x / var.sqrt()
-        return -(x**2).sum(dim=1) / (2 * var[:, 0]) + (SIGMA_DATA / s[:, 0]) * self._energy(u, s.log() / 4)
+        extra = ()
+        if self.fourier:
+            z, a = self._features(x, s)
+            extra = (math.sqrt(2) * a * torch.sin(z), math.sqrt(2) * a * torch.cos(z))
+        return -(x**2).sum(dim=1) / (2 * var[:, 0]) + (SIGMA_DATA / s[:, 0]) * self._energy(u, s.log() / 4, extra)
 
     def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
         """D(x; sigma) = x + sigma^2 grad log p(x; sigma), differentiable when training."""
@@ -129,6 +157,8 @@ class ToyDenoiser(nn.Module):
         # Read through the parameter dicts: nn.Module attribute lookups cost more than the rest.
         layers = [self._modules["inp"], *self._modules["hidden"]._modules.values(), self._modules["out"]]
         params = [layer._parameters["weight"] for layer in layers] + [self._parameters["gain"]]
+        if self.fourier:
+            params.append(self._buffers["freqs"])
         key = (dtype, tuple((id(p), p.data_ptr(), p._version) for p in params))
         cache = self.__dict__.get("_weight_cache")
         if cache is None or cache[0] != key:
@@ -137,8 +167,14 @@ class ToyDenoiser(nn.Module):
                 w_in = self.inp.normalized(dtype)
                 hidden = [layer.normalized(dtype) * scale for layer in self.hidden]
                 w_out = self.out.normalized(dtype)[0] * (self.gain.to(dtype) / 0.596)
-                cache = (key, (w_in.t().contiguous(), w_in[:, : self.dim].contiguous(),
-                               [w.t().contiguous() for w in hidden], hidden, w_out))
+                d, f = self.dim, self.fourier
+                fourier = None
+                if f:
+                    # The sin and cos columns of the input layer, and 2 pi sqrt(2) f for the chain rule.
+                    fourier = (w_in[:, d + 2: d + 2 + f].contiguous(), w_in[:, d + 2 + f:].contiguous(),
+                               (2 * math.pi * math.sqrt(2)) * self.freqs.to(dtype))
+                cache = (key, (w_in.t().contiguous(), w_in[:, :d].contiguous(),
+                               [w.t().contiguous() for w in hidden], hidden, w_out, fourier))
             self.__dict__["_weight_cache"] = cache
         return cache[1]
 
@@ -150,12 +186,17 @@ class ToyDenoiser(nn.Module):
         bookkeeping and the per-call weight normalization dominate.  Per residual stage,
         h' = (h + mp_silu(h) W^T) / sqrt(2), and mp_silu'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))) / 0.596.
         """
-        w_in_t, w_in_u, hidden_t, hidden, w_out = self._weights(x.dtype)
+        w_in_t, w_in_u, hidden_t, hidden, w_out, fourier = self._weights(x.dtype)
         r2 = 1 / math.sqrt(2)
         var = s**2 + SIGMA_DATA**2
         c_in = var.rsqrt()
         c_noise = s.log() / 4
-        h = torch.cat([x * c_in, c_noise, torch.ones_like(c_noise)], dim=1) @ w_in_t
+        inputs = [x * c_in, c_noise, torch.ones_like(c_noise)]
+        if fourier is not None:
+            z, a = self._features(x, s)
+            sin_z, cos_z = torch.sin(z), torch.cos(z)
+            inputs += [math.sqrt(2) * a * sin_z, math.sqrt(2) * a * cos_z]
+        h = torch.cat(inputs, dim=1) @ w_in_t
         # Forward pass, keeping each stage's SiLU derivative (without its 1/0.596, folded into W).
         slopes = []
         for w_t in hidden_t:
@@ -168,8 +209,13 @@ class ToyDenoiser(nn.Module):
         g = (h * z).mul_(1 - z).add_(z).mul_(w_out)
         for w, slope in zip(reversed(hidden), reversed(slopes)):
             g = torch.addcmul(g, g @ w, slope, value=1 / r2).mul_(r2)
-        # grad_x log p = -x / var + (sigma_data / sigma) c_in grad_u F.
-        grad = torch.addcmul(-x / var, (SIGMA_DATA / s) * c_in, g @ w_in_u)
+        # grad_x log p = -x / var + (sigma_data / sigma) (c_in grad_u F + the features' chain rule).
+        grad_f = c_in * (g @ w_in_u)
+        if fourier is not None:
+            w_sin, w_cos, f2 = fourier
+            # d/dx sqrt(2) a sin(z) = sqrt(2) a cos(z) 2 pi f, d/dx sqrt(2) a cos(z) = -sqrt(2) a sin(z) 2 pi f.
+            grad_f = grad_f + (a * ((g @ w_sin) * cos_z - (g @ w_cos) * sin_z)) @ f2
+        grad = torch.addcmul(-x / var, SIGMA_DATA / s, grad_f)
         return torch.addcmul(x, s**2, grad)
 
 
