@@ -13,7 +13,7 @@ recorded, not asserted, and the same networks, noise and labels are sampled once
 autocast off by both samplers, which must agree within 1e-5 (``max_rel_diff_vs_eager_fp32``).
 
 Network pairs:
-* "toy": the shipped 2-D toy models (main 4x64 guided by guide 4x64, its own run at 1/16), batches of 2-D points
+* "toy": the shipped 2-D toy models (main 4x64 with Fourier features, guided by its own run at 7/16), batches of 2-D points
   (1 and 4096); at batch 1 most of the time is the networks' per-op host work;
 * "cheap": bench/cheap.py's exact denoisers of per-channel Gaussian data (a per-channel affine
   map, one pass over x), main and guide with different statistics, on 4x64x64 latents: at batch 64
@@ -62,7 +62,7 @@ UNET_SIZES = tuple(os.environ.get("AG_BENCH_UNET", "s,xs" if DEVICE == "cuda" el
 SAMPLER_SECONDS = float(os.environ.get("AG_BENCH_SAMPLER_SECONDS", "2"))
 MIN_ROUNDS, MAX_ROUNDS = (5 if DEVICE == "cuda" else 3), 200
 NETS = {
-    "toy": "toy main 4x64 / guide 4x64 (1/16 trained)",
+    "toy": "toy main 4x64+Fourier / guide = its run at 7/16",
     "cheap": "cheap per-channel Gaussian denoisers, 4x64x64 float32",
     "unet": "unet %s / %s bf16 autocast" % UNET_SIZES,
 }

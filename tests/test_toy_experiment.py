@@ -39,6 +39,9 @@ def test_shipped_weights_are_weights_only_checkpoints():
         obj = torch.load(path, weights_only=True)
         assert obj["arch"] == "toy_mlp"
         assert obj["kwargs"]["hidden"] == spec.hidden and obj["kwargs"]["layers"] == spec.layers
+        assert obj["kwargs"].get("fourier", 0) == spec.fourier
+        if spec.fourier:
+            assert obj["kwargs"]["fourier_scale"] == spec.fourier_scale
         assert path.stat().st_size < 256 * 1024, "the shipped models must stay small"
         assert isinstance(load_net(path), ToyDenoiser)
     log = json.loads((ex.WEIGHTS_DIR / "train_log.json").read_text())

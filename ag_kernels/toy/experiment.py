@@ -66,9 +66,10 @@ class ModelSpec:
 MODELS: Dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("main", "A", 64, 4, 16384, 1, "D_1: class A, 4 x 64, 16384 iterations (near convergence)"),
-        ModelSpec("guide", "A", 64, 4, 1024, 1, "autoguidance D_0: main's own run at 1024 iterations (1/16)",
-                  snapshot_of="main"),
+        ModelSpec("main", "A", 64, 4, 2048, 1, "D_1: class A, 4 x 64 with 64 damped Fourier features (scale 16), 2048 iterations",
+                  fourier=64, fourier_scale=16.0),
+        ModelSpec("guide", "A", 64, 4, 896, 1, "autoguidance D_0: main's own run at 896 iterations (7/16)",
+                  snapshot_of="main", fourier=64, fourier_scale=16.0),
         ModelSpec("uncond", "AB", 32, 4, 512, 3, "CFG D_0: classes A and B, 4 x 32, 512 iterations"),
     )
 }
@@ -371,7 +372,7 @@ def run(
     """Sample every method at every w from the same noise and score it against the ground truth.
 
     "none" is D_1 alone (w = 1).  "cfg" guides D_1 with the unconditional model, "autoguidance"
-    with the short-trained class-A model (main's own run at 1/16).  The paper's weights (AG :data:`AG_WEIGHT`, CFG
+    with the short-trained class-A model (main's own run at 7/16).  The paper's weights (AG :data:`AG_WEIGHT`, CFG
     :data:`CFG_WEIGHT`) are always sampled and make the headline rows, whatever the sweep holds.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
