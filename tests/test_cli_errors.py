@@ -240,10 +240,9 @@ def test_torchrun_rank_death_then_resume(tmp_path):
               "--device", "cpu", "--no-progress", "--outdir", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ag_kernels", "generate", *common]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    # A hang is the failure mode here: the run must end (with an error) within 240 s.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=240)
     assert proc.returncode != 0, "the run must fail when a rank dies"
-    assert time.time() - start < 240
     assert "exitcode" in proc.stderr or "exit code" in proc.stderr.lower(), proc.stderr[-2000:]
     # The surviving rank either finished its share or was stopped by torchrun (SIGTERM): then one line.
     ours = [line for line in proc.stderr.splitlines() if line.startswith("python -m ag_kernels")]

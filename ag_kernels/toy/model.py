@@ -110,6 +110,12 @@ class ToyDenoiser(nn.Module):
         a = torch.exp((-2 * math.pi**2) * (s**2) * (f**2).sum(1))
         return z, a
 
+    def _fourier_inputs(self, x: torch.Tensor, s: torch.Tensor):
+        """The input columns sqrt(2) a sin z and sqrt(2) a cos z, and (a, sin z, cos z) for the chain rule."""
+        z, a = self._features(x, s)
+        sin_z, cos_z = torch.sin(z), torch.cos(z)
+        return [math.sqrt(2) * a * sin_z, math.sqrt(2) * a * cos_z], (a, sin_z, cos_z)
+
     def _energy(self, u: torch.Tensor, c_noise: torch.Tensor, extra=()) -> torch.Tensor:
         ones = torch.ones_like(c_noise)
         h = self.inp(torch.cat([u, c_noise, ones, *extra], dim=1))
@@ -129,10 +135,7 @@ class ToyDenoiser(nn.Module):
         s = self._sigma(x, sigma)
         var = s**2 + SIGMA_DATA**2
         u = x / var.sqrt()
-        extra = ()
-        if self.fourier:
-            z, a = self._features(x, s)
-            extra = (math.sqrt(2) * a * torch.sin(z), math.sqrt(2) * a * torch.cos(z))
+        extra = self._fourier_inputs(x, s)[0] if self.fourier else ()
         return -(x**2).sum(dim=1) / (2 * var[:, 0]) + (SIGMA_DATA / s[:, 0]) * self._energy(u, s.log() / 4, extra)
 
     def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
@@ -193,9 +196,8 @@ class ToyDenoiser(nn.Module):
         c_noise = s.log() / 4
         inputs = [x * c_in, c_noise, torch.ones_like(c_noise)]
         if fourier is not None:
-            z, a = self._features(x, s)
-            sin_z, cos_z = torch.sin(z), torch.cos(z)
-            inputs += [math.sqrt(2) * a * sin_z, math.sqrt(2) * a * cos_z]
+            columns, (a, sin_z, cos_z) = self._fourier_inputs(x, s)
+            inputs += columns
         h = torch.cat(inputs, dim=1) @ w_in_t
         # Forward pass, keeping each stage's SiLU derivative (without its 1/0.596, folded into W).
         slopes = []
@@ -303,6 +305,8 @@ def train(
     for m in models:
         m.train()
         opts.append(torch.optim.Adam(m.parameters(), lr=lr, betas=(0.9, 0.99)))
+    # What log/on_step see and train returns: per model, its EMA or list of EMAs (updated in place).
+    views = [e if several else e[0] for e in emas]
     steps = range(iterations)
     if progress:
         from tqdm.auto import tqdm
@@ -339,9 +343,7 @@ def train(
         if log is not None:
             log(it, losses if group else losses[0])
         if on_step is not None:
-            views = [e if several else e[0] for e in emas]
             on_step(it + 1, views if group else views[0])
     for m in models:
         m.eval()
-    result = [e if several else e[0] for e in emas]
-    return result if group else result[0]
+    return views if group else views[0]
