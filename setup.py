@@ -98,5 +98,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["ag-kernels=ag_kernels.__main__:_main"]},
+    entry_points={"console_scripts": ["ag-kernels=ag_kernels.commands.main:entry"]},
 )

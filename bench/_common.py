@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels import reference
-from ag_kernels._backends import _unavailable_reason
+from ag_kernels.kernels import reference
+from ag_kernels.kernels._backends import _unavailable_reason
 
 W, T_CUR, T_NEXT = 2.1, 1.25, 0.9
 
@@ -155,7 +155,7 @@ def public_fn(op, t, backend, out):
 def raw_fn(op, t, backend):
     """The backend's registered custom op called directly (schemas in csrc/ag_kernels.cpp): no checks, no dispatch."""
     if backend == "triton":
-        from ag_kernels import triton_kernels  # noqa: F401  (registers torch.ops.ag_kernels_triton.*)
+        from ag_kernels.kernels import triton_kernels  # noqa: F401  (registers torch.ops.ag_kernels_triton.*)
 
         kernel = getattr(torch.ops.ag_kernels_triton, op)
     else:

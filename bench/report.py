@@ -243,7 +243,7 @@ def markdown(summary: dict) -> str:
         lines += [
             "## Whole sampler",
             "",
-            "`eager`: `ag_kernels.reference.torch_edm_sampler` (the published algorithm op by op); "
+            "`eager`: `ag_kernels.kernels.reference.torch_edm_sampler` (the published algorithm op by op); "
             "`ag_kernels`: `ag_kernels.edm_sampler`. Same networks, noise and labels; Heun, guidance 2.1. "
             "`max rel diff` is max |a - b| / max |b| of the two outputs in this run; for the bf16 UNet pair, "
             "`fp32 check` is the same with autocast off (asserted <= 1e-5; bf16 roundings flip between samplers, "
@@ -289,7 +289,7 @@ def _engine_markdown(rows: list, skipped: list) -> list:
     lines = [
         "## Engine: whole guided sampler",
         "",
-        "`edm2_eager`: `ag_kernels.reference.torch_edm_sampler`, the EDM2 reference loop op by op (the baseline). "
+        "`edm2_eager`: `ag_kernels.kernels.reference.torch_edm_sampler`, the EDM2 reference loop op by op (the baseline). "
         "`eager`: `GuidedSampler(cuda_graph=False, overlap=False)`; `graph`: `cuda_graph=True`; `graph_overlap`: "
         "graphs with the guide on a second stream; `graph_overlap_compile`: also `compile=True`. Same networks, noise "
         "and labels; Heun, guidance 2.0. `first call`: the first call of the case, timed on its own and not in the "

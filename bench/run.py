@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if args.gpu and not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
         return 2
-    from ag_kernels.edm2 import EDM2Error, find_checkout
+    from ag_kernels.models.edm2 import EDM2Error, find_checkout
 
     try:
         edm2 = find_checkout(args.edm2)  # None: neither --edm2 nor $AG_EDM2_PATH

@@ -3,7 +3,7 @@
 One group per batch; its cases run side by side in one session on the same networks, noise and
 labels, 32 Heun steps, guidance 2.0, sigma_max 80:
 
-* ``edm2_eager``: :func:`ag_kernels.reference.torch_edm_sampler`, the EDM2 reference loop op by op
+* ``edm2_eager``: :func:`ag_kernels.kernels.reference.torch_edm_sampler`, the EDM2 reference loop op by op
   (the baseline of the speed-ups);
 * ``eager``: ``GuidedSampler(cuda_graph=False, overlap=False)``, our eager path;
 * ``graph``: ``cuda_graph=True, overlap=False``: the whole run captured once, then replayed;
@@ -58,7 +58,8 @@ import time
 import pytest
 import torch
 
-from ag_kernels import GuidedSampler, reference
+from ag_kernels import GuidedSampler
+from ag_kernels.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS = int(os.environ.get("AG_BENCH_STEPS", "32"))
@@ -115,7 +116,7 @@ def _resolution(size: str) -> int:
 
 
 def _edm2_pair():
-    from ag_kernels.edm2 import find_checkout, use_checkout
+    from ag_kernels.models.edm2 import find_checkout, use_checkout
 
     folder = find_checkout(EDM2_PATH)
     use_checkout(folder)

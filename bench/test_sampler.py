@@ -1,6 +1,6 @@
 """Whole sampler: ag_kernels.edm_sampler against the eager reference loop, on the same networks and noise.
 
-The eager loop is :func:`ag_kernels.reference.torch_edm_sampler` (the published algorithm op by
+The eager loop is :func:`ag_kernels.kernels.reference.torch_edm_sampler` (the published algorithm op by
 op, network outputs cast to float32, ``lerp`` blend).  Both run 32 Heun steps with guidance 2.1
 from the same noise; "ag_kernels" runs right after "eager" in one session, and its case measures
 how far the two outputs are apart (max |a - b| / max |b|) and records it in ``extra_info``.
@@ -41,7 +41,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels import reference
+from ag_kernels.kernels import reference
 
 W = 2.1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

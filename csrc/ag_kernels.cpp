@@ -61,7 +61,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ag_kernels, m) {
-  m.set_python_module("ag_kernels._backends");
+  m.set_python_module("ag_kernels.kernels._backends");
   m.def("guided_denoise(Tensor(a!) out, Tensor d_main, Tensor? d_guide, Tensor? g_vec, float g) -> ()");
   m.def(
       "euler_step(Tensor(a!) out, Tensor x_hat, Tensor d_main, Tensor? d_guide, Tensor? g_vec, Tensor? s_vec, "

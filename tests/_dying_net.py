@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from ag_kernels.nets import TinyDenoiser
+from ag_kernels.models.nets import TinyDenoiser
 
 
 class DyingNet(torch.nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels._backends import _unavailable_reason
+from ag_kernels.kernels._backends import _unavailable_reason
 
 OPS = ["guided_denoise", "euler_step", "heun_step", "guided_score"]
 X_DTYPES = [torch.float32, torch.float64]

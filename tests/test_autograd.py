@@ -15,7 +15,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import ag_kernels
-from ag_kernels import _autograd
+from ag_kernels.kernels import _autograd
 
 BACKENDS = ag_kernels.available_backends("cpu")
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
@@ -149,7 +149,7 @@ def test_no_grad_results_are_unchanged_and_fast_path_kept(gen, monkeypatch):
     """With nothing requiring grad the kernel ops run as before (bitwise), and the fast path is taken."""
     if not KERNEL_BACKENDS:
         pytest.skip("no kernel backend on the CPU here")
-    from ag_kernels import ops
+    from ag_kernels.kernels import ops
 
     x, dm, dg = (torch.randn(2, 8, generator=gen) for _ in range(3))
     a = ag_kernels.euler_step(x, dm, dg, 2.0, 1.0, 0.5)

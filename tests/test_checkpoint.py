@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from ag_kernels.checkpoint import CheckpointError, UnsafeCheckpointError, load_net, save_net
-from ag_kernels.nets import ARCHS, TinyDenoiser, get_arch, register_arch
+from ag_kernels.models.checkpoint import CheckpointError, UnsafeCheckpointError, load_net, save_net
+from ag_kernels.models.nets import ARCHS, TinyDenoiser, get_arch, register_arch
 
 
 class PickledNet(nn.Module):

@@ -44,8 +44,8 @@ class _Evil:
 
 def _seeds(folder, marker):
     """Valid files to mutate: {name: bytes}."""
-    from ag_kernels.checkpoint import save_net
-    from ag_kernels.nets import TinyDenoiser
+    from ag_kernels.models.checkpoint import save_net
+    from ag_kernels.models.nets import TinyDenoiser
     from ag_kernels.toy.model import ToyDenoiser
 
     out = {}
@@ -76,8 +76,8 @@ def _small_toy(cls):
 
 def _structural(folder, rng):
     """Well-formed torch.save files whose content is wrong: (name, path)."""
-    from ag_kernels.checkpoint import FORMAT, VERSION
-    from ag_kernels.nets import TinyDenoiser
+    from ag_kernels.models.checkpoint import FORMAT, VERSION
+    from ag_kernels.models.nets import TinyDenoiser
 
     good = TinyDenoiser(img_channels=3, img_resolution=8, channels=8, seed=3)
     state = good.state_dict()
@@ -149,7 +149,7 @@ def _mutations(blob: bytes, rng: random.Random, count: int):
 
 
 def _warm_meta():
-    from ag_kernels.nets import TinyDenoiser
+    from ag_kernels.models.nets import TinyDenoiser
 
     with torch.device("meta"):
         TinyDenoiser(channels=8)
@@ -159,7 +159,7 @@ def run_corpus(folder: str, seed: int) -> dict:
     """Load every file of the corpus; returns counts, the unexpected exceptions and the peak memory."""
     from pathlib import Path
 
-    from ag_kernels.checkpoint import CheckpointError, load_net
+    from ag_kernels.models.checkpoint import CheckpointError, load_net
 
     folder = Path(folder)
     rng = random.Random(seed)
@@ -233,7 +233,7 @@ _SIZE_HAZARDS = {
 def load_peak(good: str, path: str) -> dict:
     """Load ``good`` (the loader's fixed costs), then ``path`` and read a TorchScript module's code (torch
     unpickles its debug_pkl only then): the outcome and the peak memory it added."""
-    from ag_kernels.checkpoint import CheckpointError, load_net
+    from ag_kernels.models.checkpoint import CheckpointError, load_net
 
     getattr(load_net(good), "code", None)
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -256,7 +256,7 @@ def test_torchscript_pickle_sizes_checked_before_loading(tmp_path, case):
     is read lazily, when the loaded module's code is shown).  The files load in a fresh subprocess."""
     import zipfile
 
-    from ag_kernels.nets import TinyDenoiser
+    from ag_kernels.models.nets import TinyDenoiser
 
     suffix, payload = _SIZE_HAZARDS[case]
     good, path = tmp_path / "script.pt", tmp_path / f"{case}.pt"
@@ -288,8 +288,8 @@ def test_huge_kwargs_refused_before_allocation(tmp_path):
     a text file is a CheckpointError, not a KeyError."""
     import pytest
 
-    from ag_kernels.checkpoint import FORMAT, VERSION, CheckpointError, load_net
-    from ag_kernels.nets import TinyDenoiser
+    from ag_kernels.models.checkpoint import FORMAT, VERSION, CheckpointError, load_net
+    from ag_kernels.models.nets import TinyDenoiser
 
     good = TinyDenoiser(channels=8)
     payload = {"format": FORMAT, "version": VERSION, "arch": "tiny_denoiser",

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ag_kernels.__main__ import main
-from ag_kernels.checkpoint import save_net
-from ag_kernels.generation import generate
-from ag_kernels.nets import TinyDenoiser
+from ag_kernels.commands.main import main
+from ag_kernels.models.checkpoint import save_net
+from ag_kernels.sampling.generation import generate
+from ag_kernels.models.nets import TinyDenoiser
 
 STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edm_standin")
 

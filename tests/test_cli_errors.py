@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ag_kernels import cli_generate
-from ag_kernels.__main__ import main
-from ag_kernels.checkpoint import save_net
-from ag_kernels.nets import TinyDenoiser
+from ag_kernels.commands import generate as cli_generate
+from ag_kernels.commands.main import main
+from ag_kernels.models.checkpoint import save_net
+from ag_kernels.models.nets import TinyDenoiser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ag_kernels import edm2
-from ag_kernels.__main__ import main
-from ag_kernels.generation import _split, generate
+from ag_kernels.models import edm2
+from ag_kernels.commands.main import main
+from ag_kernels.sampling.generation import _split, generate
 
 STANDIN_FILES = {
     "dnnlib/__init__.py": '"""Stand-in for EDM2\'s dnnlib (tests only)."""\n',

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels import GuidedSampler, reference
-from ag_kernels.nets import TinyDenoiser
+from ag_kernels import GuidedSampler
+from ag_kernels.kernels import reference
+from ag_kernels.models.nets import TinyDenoiser
 from _util import rel_err
 
 LABEL_DIM = 5
@@ -117,7 +118,7 @@ def test_graph_path_refills_every_input(kind, gen):
         out = graph(noise, labels, randn_like=seeded(call))
         assert graph.last_mode == "graph", graph.fallback_reason
         assert torch.equal(out, eager), f"call {call}, batch {batch}"
-    assert len(graph._graphs) == 2  # one per batch shape
+    assert len(graph._cache.entries) == 2  # one per batch shape
 
 
 def test_graph_cache_keys_and_eviction(gen):
@@ -130,15 +131,15 @@ def test_graph_cache_keys_and_eviction(gen):
     # A float weight is baked into a graph: a new value is a new graph, with the new value's result.
     weights["w"] = 3.0
     second = engine(noise, labels)
-    assert len(engine._graphs) == 2 and not torch.equal(first, second)
+    assert len(engine._cache.entries) == 2 and not torch.equal(first, second)
     assert torch.equal(second, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, guidance=3.0))
     noise3, labels3 = inputs(gen, 3)
     engine(noise3, labels3)
-    assert len(engine._graphs) == 2  # the least recently used graph went
+    assert len(engine._cache.entries) == 2  # the least recently used graph went
     weights["w"] = 2.0
     assert torch.equal(engine(noise, labels), first)  # captured again, same result
     engine.reset()
-    assert not engine._graphs
+    assert not engine._cache.entries
 
 
 def test_cuda_graph_true_on_cpu_warns_once_and_runs_eagerly(gen):
@@ -287,7 +288,7 @@ def test_generate_uses_one_engine(gen, tmp_path):
 
 
 def test_edm_sampler_keeps_graph_engines(gen):
-    from ag_kernels import sampler as sampler_module
+    from ag_kernels.sampling import sampler as sampler_module
 
     net, gnet = nets()
     noise, labels = inputs(gen)

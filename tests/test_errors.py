@@ -141,7 +141,7 @@ def test_bad_backend(op):
 
 def test_triton_unavailable_message():
     """Without TRITON_INTERPRET, Triton on CPU tensors is refused with the reason, not crashed."""
-    from ag_kernels._backends import _unavailable_reason
+    from ag_kernels.kernels._backends import _unavailable_reason
 
     reason = _unavailable_reason("triton", torch.device("cpu"))
     if reason is None:
@@ -158,7 +158,7 @@ def test_guided_denoise_bad_dtype():
 
 
 def test_available_backends():
-    from ag_kernels._backends import _load_ext
+    from ag_kernels.kernels._backends import _load_ext
 
     cpu = ag_kernels.available_backends("cpu")
     # "auto" on the CPU: the compiled extension when it is built, else the reference.

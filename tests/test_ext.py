@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels._backends import _load_ext
+from ag_kernels.kernels._backends import _load_ext
 from _util import (
     D_DTYPES, DEVICES, KERNEL_BACKENDS, OPS, TOL, X_DTYPES, call, make_inputs, make_params, oracle, poison, rel_err,
     require,
@@ -26,7 +26,7 @@ def test_ext_is_built():
         pytest.skip("no csrc/ beside the tests (installed package without sources)")
     if os.environ.get("AG_KERNELS_NO_EXT") == "1":
         pytest.skip("AG_KERNELS_NO_EXT=1: the extension was deliberately not built")
-    from ag_kernels import _backends
+    from ag_kernels.kernels import _backends
 
     assert _load_ext() is not None, _backends._EXT_ERROR
     assert ag_kernels.available_backends("cpu")[0] == "ext"  # "auto" uses it on the CPU
@@ -45,6 +45,7 @@ def test_package_without_ext():
             warnings.simplefilter("always")
             import ag_kernels
             import torch
+            ag_kernels.available_backends("cpu")  # the first use loads the kernels wing, and the extension
         ext_warnings = [w for w in caught if "'ext'" in str(w.message)]
         assert len(ext_warnings) == 1, [str(w.message) for w in caught]
         assert "ext" not in ag_kernels.available_backends("cpu")
@@ -94,7 +95,7 @@ def test_backends_agree(op, device, x_dtype, gen):
 
 
 def _reason(backend, device):
-    from ag_kernels._backends import _unavailable_reason
+    from ag_kernels.kernels._backends import _unavailable_reason
 
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA"

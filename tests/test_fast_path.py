@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels import ops
+from ag_kernels.kernels import ops
 from _util import DEVICES, KERNEL_BACKENDS, OPS, TOL, call, make_inputs, oracle, poison, rel_err, require
 
 G, S, SN = 2.1, 1.25, 0.9
@@ -259,7 +259,7 @@ def test_sampler_steps_without_checked_path(monkeypatch, checked_calls, memory_f
     kwargs = dict(num_steps=8, sigma_max=5.0, guidance=2.1, S_churn=3, S_min=0.05, S_max=1.0)
     result = ag_kernels.edm_sampler(net, noise, None, gnet, backend="ext",
                                     randn_like=lambda t: torch.full_like(t, 0.25), **kwargs)
-    expected = ag_kernels.reference.torch_edm_sampler(net, noise, None, gnet,
+    expected = ag_kernels.kernels.reference.torch_edm_sampler(net, noise, None, gnet,
                                                       randn_like=lambda t: torch.full_like(t, 0.25), **kwargs)
     assert rel_err(result, expected) <= 1e-5
     if memory_format == "contiguous":

@@ -13,8 +13,8 @@ from PIL import Image
 
 from _util import rel_err
 from ag_kernels import edm_sampler
-from ag_kernels.generation import GeneratedBatch, generate
-from ag_kernels.seeds import SeedNoise, parse_seeds
+from ag_kernels.sampling.generation import GeneratedBatch, generate
+from ag_kernels.sampling.seeds import SeedNoise, parse_seeds
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -251,7 +251,7 @@ def test_generate_follows_the_documented_recipe(gen):
 def test_generate_seeds_generators_mod_2_32_as_edm2(tmp_path, monkeypatch):
     # EDM2's generate_images seeds each generator with seed % 2**32; on CUDA a 64-bit seed would
     # give another stream (on the CPU torch uses the low 32 bits anyway).  File names keep the seed.
-    import ag_kernels.generation as generation
+    import ag_kernels.sampling.generation as generation
 
     seen = []
 
@@ -440,7 +440,7 @@ WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
 
-    from ag_kernels.generation import _distributed, generate
+    from ag_kernels.sampling.generation import _distributed, generate
     from test_generate import SAMPLER_KW, nets
 
     out, wseed, seeds = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels.selfcheck import karras_sigmas
+from ag_kernels.commands.selfcheck import karras_sigmas
 from _util import (
     BACKENDS, D_DTYPES, DEVICES, OPS, TOL, X_DTYPES, call, make_inputs, make_params, oracle, poison,
     rel_err, require,

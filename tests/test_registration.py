@@ -9,7 +9,7 @@ from _util import DEVICES, KERNEL_BACKENDS, TOL, make_inputs, make_params, oracl
 
 def _namespace(backend):
     if backend == "triton":
-        import ag_kernels.triton_kernels  # noqa: F401  (registers the ops)
+        import ag_kernels.kernels.triton_kernels  # noqa: F401  (registers the ops)
 
         return torch.ops.ag_kernels_triton
     return torch.ops.ag_kernels

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels.nets import TinyDenoiser
+from ag_kernels.models.nets import TinyDenoiser
 from _util import rel_err
 
 STANDIN = Path(__file__).parent / "edm_standin" / "generate_images.py"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ag_kernels.__main__ import main
-from ag_kernels.checkpoint import load_net
+from ag_kernels.commands.main import main
+from ag_kernels.models.checkpoint import load_net
 from ag_kernels.toy import experiment as ex
 from ag_kernels.toy import TREE_LEVELS, tree_depths, tree_mixture
 from ag_kernels.toy.model import SIGMA_DATA, ToyDenoiser

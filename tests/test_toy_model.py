@@ -213,7 +213,7 @@ def test_samples_through_edm_sampler(gen):
 def test_fourier_features_kwargs_and_checkpoint(tmp_path, gen):
     """The plain MLP's kwargs (and so its checkpoints) carry no Fourier keys; a Fourier model's do,
     and a checkpoint round trip gives the same frequencies (a buffer, not trained) and outputs."""
-    from ag_kernels.checkpoint import load_net, save_net
+    from ag_kernels.models.checkpoint import load_net, save_net
 
     assert set(ToyDenoiser(hidden=8, layers=2).init_kwargs) == {"hidden", "layers", "seed", "dim"}
     model = ToyDenoiser(hidden=8, layers=2, seed=4, fourier=3, fourier_scale=5.0)

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels import reference
-from ag_kernels.verify import (
+from ag_kernels.kernels import reference
+from ag_kernels.commands.verify import (
     ReferenceSamplerError,
     format_table,
     load_reference_sampler,
@@ -158,7 +158,7 @@ def test_bad_options(capsys):
 
 
 def test_our_failure_is_a_failed_row(monkeypatch):
-    import ag_kernels.verify as verify_module
+    import ag_kernels.commands.verify as verify_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("ours exploded")
@@ -172,7 +172,7 @@ def test_our_failure_is_a_failed_row(monkeypatch):
 def test_reference_outputs_are_float32_networks():
     # The verify networks must return float32: a bf16 output would round differently for the
     # two samplers' last-bit-different x and could exceed 1e-5 without any bug.
-    from ag_kernels.verify import make_problem
+    from ag_kernels.commands.verify import make_problem
 
     net, gnet, noise, labels = make_problem()
     assert net(noise, torch.tensor(1.0), labels).dtype == torch.float32

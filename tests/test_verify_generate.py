@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ag_kernels import generation
-from ag_kernels import verify_generate as vg
-from ag_kernels.edm2 import use_checkout
-from ag_kernels.seeds import SeedNoise
-from ag_kernels.verify import main
+from ag_kernels.sampling import generation
+from ag_kernels.commands import verify_generate as vg
+from ag_kernels.models.edm2 import use_checkout
+from ag_kernels.sampling.seeds import SeedNoise
+from ag_kernels.commands.verify import main
 
 STANDIN = Path(__file__).parent / "edm_standin"
 FAST = ["--steps", "6", "--device", "cpu"]

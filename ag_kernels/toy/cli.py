@@ -40,7 +40,7 @@ def _fmt_row(label: str, w: float, m: dict) -> str:
 
 def _backend_check(models, result: ex.MethodResult, n: int, seed: int, device) -> bool:
     """Every available backend samples the same w from the same noise; all must agree with "torch"."""
-    from .._backends import available_backends
+    from ..kernels._backends import available_backends
 
     guide = ex.GUIDES[result.method]
     gnet = models[guide] if guide else None

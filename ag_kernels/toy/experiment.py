@@ -27,8 +27,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from ..checkpoint import load_net, save_net
-from ..sampler import edm_sampler
+from ..models.checkpoint import load_net, save_net
+from ..sampling.sampler import edm_sampler
 from .distribution import tree_depths, tree_mixture
 from .metrics import mean_log_prob, outlier_fraction, precision_recall
 from .model import ToyDenoiser, train
@@ -112,7 +112,7 @@ def train_models(
 ) -> Dict[str, Path]:
     """Train the models named (default: all of :data:`MODELS`) and write ``<outdir>/<name>.pt``.
 
-    Each file is an :func:`ag_kernels.checkpoint.save_net` checkpoint (architecture name, its
+    Each file is an :func:`ag_kernels.models.checkpoint.save_net` checkpoint (architecture name, its
     arguments and the EMA weights; read back with ``weights_only=True``).  A snapshot model is
     saved from its parent's run (which is trained for it if not named itself).  ``iterations_scale``
     shortens every run (for tests); ``train_log.json`` in ``outdir`` records what was run.

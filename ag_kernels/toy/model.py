@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..nets import register_arch
+from ..models.nets import register_arch
 
 __all__ = ["ToyDenoiser", "train", "power_ema_exponent", "SIGMA_DATA"]
 

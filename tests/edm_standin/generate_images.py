@@ -1,7 +1,7 @@
 """Stand-in for NVlabs/edm2's ``generate_images.py``: the test oracle for ag_kernels' sampler and generator.
 
 ``edm_sampler`` has exactly the reference's signature: it is
-:func:`ag_kernels.reference.torch_edm_sampler`, our own plain, eager transcription of the
+:func:`ag_kernels.kernels.reference.torch_edm_sampler`, our own plain, eager transcription of the
 published algorithm (EDM Heun sampler, Karras et al. 2022, Algorithm 2, with the guided denoiser
 of Karras et al. 2024).  ``generate_images`` follows the reference generator's documented
 behaviour, written here from that description (no edm2 code is copied): snapshot pickles
@@ -16,7 +16,7 @@ pytest does not collect this file (its name does not start with ``test_``).
 
 import torch
 
-from ag_kernels.reference import torch_edm_sampler
+from ag_kernels.kernels.reference import torch_edm_sampler
 
 
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,

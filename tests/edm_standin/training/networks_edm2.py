@@ -1,6 +1,6 @@
 """Stand-in for edm2's ``training.networks_edm2`` (tests only; our own small network, no edm2 code).
 
-``Precond`` takes the constructor arguments ``ag_kernels.verify_generate.build_snapshots`` passes
+``Precond`` takes the constructor arguments ``ag_kernels.commands.verify_generate.build_snapshots`` passes
 (those of EDM2's Precond and U-Net), has EDM2's attributes (img_resolution, img_channels,
 label_dim) and call convention ``net(x, sigma, class_labels)``, and, like EDM2's networks, zero
 scalar gains at initialization and random weights from the global generator.  It works from

@@ -28,167 +28,22 @@ with the same results.
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .ops import D_DTYPES, PreparedSteps
+from ..kernels.ops import D_DTYPES, PreparedSteps
+from ._graphs import GraphCache
+from ._plan import _Plan, karras_schedule, make_plan
+from ._settings import _SAME, SOLVERS, _flag, _Guidance, _Noise, _real
 
-__all__ = ["GuidedSampler", "NonFiniteError", "karras_schedule"]
-
-SOLVERS = ("heun", "euler")
-_SAME = object()  # guide_labels default: the guiding network gets the main network's labels
-
-
-def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float, *, dtype=torch.float32,
-                    device=None) -> torch.Tensor:
-    """Noise levels t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0: N + 1 values in ``dtype``.
-
-    Evaluated with the reference sampler's expression in ``dtype`` on ``device``, so the networks
-    see the same noise levels.  With ``num_steps == 1`` the schedule is [sigma_max, 0] (the
-    reference's formula divides by num_steps - 1 there).
-    """
-    step_indices = torch.arange(num_steps, dtype=dtype, device=device)
-    if num_steps > 1:
-        t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
-                   * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    else:
-        t_steps = torch.full((1,), sigma_max, dtype=dtype, device=device)
-    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+__all__ = ["GuidedSampler", "NonFiniteError", "karras_schedule", "SOLVERS"]
 
 
 class NonFiniteError(ArithmeticError):
     """The samples became NaN or infinite during a run; the message names the step where it first happened."""
-
-
-def _real(name: str, value, *, positive=False, nonnegative=False, allow_inf=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _flag(name: str, value, *, auto: bool = False):
-    """A bool argument (or "auto" where allowed), checked by identity: 1, 0 and "yes" are refused."""
-    if value is True or value is False or (auto and isinstance(value, str) and value == "auto"):
-        return value
-    allowed = "True, False or 'auto'" if auto else "True or False"
-    raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-# --------------------------------------------------------------------------- guidance weights
-
-
-class _Guidance:
-    """The guidance weight at a noise level: a number, a per-sample tensor [B], or None (w = 1: net only)."""
-
-    def __init__(self, guidance, gnet, interval):
-        self.fn: Optional[Callable] = None
-        self.value = None
-        if callable(guidance) and not isinstance(guidance, torch.Tensor):
-            self.fn = guidance
-        elif isinstance(guidance, torch.Tensor):
-            if guidance.dtype not in D_DTYPES:
-                raise TypeError(f"guidance as a tensor must have a float dtype, got {guidance.dtype}")
-            self.value = guidance
-        else:
-            w = _real("guidance", guidance)
-            self.value = None if w == 1.0 else w
-        if interval is not None:
-            if not isinstance(interval, (tuple, list)) or len(interval) != 2:
-                raise TypeError(f"guidance_interval must be a pair (lo, hi), got {interval!r}")
-            lo = _real("guidance_interval[0]", interval[0], nonnegative=True)
-            hi = _real("guidance_interval[1]", interval[1], allow_inf=True)
-            if not lo < hi:
-                raise ValueError(f"guidance_interval must have lo < hi, got {tuple(interval)}")
-            interval = (lo, hi)
-        self.interval = interval
-        self.gnet = gnet
-        if self.value is not None and not isinstance(self.value, torch.Tensor) and gnet is None:
-            raise ValueError(
-                "gnet is None but guidance != 1: pass the guiding network as gnet "
-                "(autoguidance: a worse version of net; CFG: the unconditional model), or use guidance=1"
-            )
-
-    @staticmethod
-    def _check(value, batch, device, name):
-        """None (no guidance) for a weight of exactly 1, else a float or a per-sample tensor [B]."""
-        if isinstance(value, torch.Tensor):
-            if value.dtype not in D_DTYPES:
-                raise TypeError(f"{name} as a tensor must have a float dtype, got {value.dtype}")
-            if value.dim() == 0:
-                value = value.reshape(1).expand(batch)
-            if value.dim() != 1 or value.shape[0] != batch:
-                raise ValueError(f"{name} as a tensor must be 0-d or have one value per sample ({batch}), "
-                                 f"got shape {tuple(value.shape)}")
-            if value.device != device:
-                raise ValueError(f"{name} is on {value.device} but noise is on {device}")
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{name} must be finite in every element")
-            if bool((value == 1).all()):
-                return None
-            return value
-        w = _real(name, value)
-        return None if w == 1.0 else w
-
-    def weights(self, sigmas: List[float], batch: int, device: torch.device) -> list:
-        """The weight of every evaluation at the noise levels ``sigmas``, each checked once."""
-        constant = None
-        if self.fn is None and self.value is not None:
-            constant = self._check(self.value, batch, device, "guidance")
-            if constant is not None and self.gnet is None:
-                raise ValueError("gnet is None but guidance != 1: pass the guiding network as gnet, or use guidance=1")
-        out, seen = [], {}
-        for sigma in sigmas:
-            if self.interval is not None and not (self.interval[0] < sigma <= self.interval[1]):
-                out.append(None)
-            elif self.fn is None:
-                out.append(constant)
-            else:
-                if sigma not in seen:  # Heun's t_next is the next step's t_cur: one call per level
-                    w = self._check(self.fn(sigma), batch, device, f"guidance({sigma:g})")
-                    if w is not None and self.gnet is None:
-                        raise ValueError(f"gnet is None but guidance({sigma:g}) != 1: pass the guiding network as gnet")
-                    seen[sigma] = w
-                out.append(seen[sigma])
-        return out
-
-
-# --------------------------------------------------------------------------- one run's plan
-
-
-@dataclass
-class _Step:
-    """Step i of a run: where it starts (t_hat), where it lands, and its churn, if any."""
-
-    t_cur: torch.Tensor            # 0-d, in the sampler's dtype, on the device
-    t_hat: torch.Tensor            # t_cur raised by churn, or t_cur itself
-    t_next: torch.Tensor
-    t_hat_host: float
-    t_next_host: float
-    churn: Optional[torch.Tensor]  # sqrt(t_hat^2 - t_cur^2) * S_noise (0-d), where churned
-    heun: bool                     # Heun's correction follows the Euler step
-
-
-@dataclass
-class _Plan:
-    """Everything fixed for a (device, dtype): the schedule as the networks and the ops see it."""
-
-    t0: torch.Tensor
-    steps: List[_Step]
-    sigmas: List[float] = field(default_factory=list)  # the noise level of each evaluation, in order
-    churned: int = 0
 
 
 def _evaluate(name: str, network, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
@@ -212,21 +67,6 @@ def _check_output(name, out, shape, x):
     if out.dtype not in D_DTYPES:
         out = out.to(x.dtype)  # e.g. float8: the ops read the four common float dtypes directly
     return out
-
-
-@dataclass
-class _Static:
-    """The buffers a captured graph reads and writes; a replay refills the inputs and reads ``out``."""
-
-    noise: torch.Tensor
-    labels: Optional[torch.Tensor]
-    guide_labels: Optional[torch.Tensor]
-    eps: List[torch.Tensor]
-    weights: list                  # per evaluation: None, a float, or a static [B] tensor
-    slots: Dict[int, torch.Tensor]  # id of a caller's weight tensor -> its static copy (filled per call)
-    flags: Optional[torch.Tensor] = None  # per step: did x become non-finite (check_finite)
-    graph: Optional["torch.cuda.CUDAGraph"] = None
-    out: Optional[torch.Tensor] = None
 
 
 class GuidedSampler:
@@ -346,10 +186,9 @@ class GuidedSampler:
             self._net_fn = _compiled(net)
             self._gnet_fn = self._net_fn if gnet is net else (None if gnet is None else _compiled(gnet))
         self._plans: Dict[torch.device, _Plan] = {}
-        self._graphs: "OrderedDict[tuple, Optional[_Static]]" = OrderedDict()
+        self._cache = GraphCache(self.max_graphs)
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
         self._warned = set()
-        self._failed: Dict[tuple, str] = {}
         # Tests only: on the CPU, "capture" keeps the run's closure and "replay" calls it, so the
         # static buffers, their refilling and the graph cache are exercised without a GPU.
         self._emulate_graphs = False
@@ -360,38 +199,11 @@ class GuidedSampler:
 
     def _plan(self, device: torch.device) -> _Plan:
         plan = self._plans.get(device)
-        if plan is not None:
-            return plan
-        dtype, n = self.dtype, self.num_steps
-        # The schedule in the sampler's dtype on the data's device, as the reference computes it;
-        # one host copy gives the ops their coefficients and the churn test its noise levels.
-        t_steps = karras_schedule(n, self.sigma_min, self.sigma_max, self.rho, dtype=dtype, device=device)
-        t_host = t_steps.tolist()
-        t_dev = t_steps.unbind(0)
-        gamma = min(self.S_churn / n, math.sqrt(2) - 1) if self.S_churn > 0 else 0.0
-        # The reference compares t_cur (a `dtype` tensor) with S_min/S_max, which torch rounds to
-        # `dtype` first: so does this, and a bound within an ulp of a noise level churns the same steps.
-        s_min, s_max = (torch.tensor(v, dtype=dtype).item() for v in (self.S_min, self.S_max))
-        steps, sigmas, churned = [], [], 0
-        for i in range(n):
-            t_cur, t_next = t_dev[i], t_dev[i + 1]
-            churn = None
-            if gamma > 0 and s_min <= t_host[i] <= s_max:
-                # Churn (EDM Algorithm 2): the step starts at t_hat = t_cur (1 + gamma), with fresh noise
-                # of std sqrt(t_hat^2 - t_cur^2) added; the same tensor expressions as the reference.
-                t_hat = t_cur + gamma * t_cur
-                churn = (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise
-                churned += 1
-            else:
-                t_hat = t_cur
-            heun = self.solver == "heun" and i < n - 1  # the last step lands on t_N = 0: Euler only
-            step = _Step(t_cur, t_hat, t_next, float(t_hat), t_host[i + 1], churn, heun)
-            steps.append(step)
-            sigmas.append(step.t_hat_host)
-            if heun:
-                sigmas.append(step.t_next_host)
-        plan = _Plan(t0=t_dev[0], steps=steps, sigmas=sigmas, churned=churned)
-        self._plans[device] = plan
+        if plan is None:
+            plan = self._plans[device] = make_plan(
+                num_steps=self.num_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
+                S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise, solver=self.solver,
+                dtype=self.dtype, device=device)
         return plan
 
     # ----------------------------------------------------------------------- the run
@@ -519,7 +331,7 @@ class GuidedSampler:
                 out, reason = self._graph_call(plan, noise, labels, guide_labels, weights, randn_like, overlap)
                 if out is not None:
                     self.last_mode, self.fallback_reason = "graph", None
-                    self._report(self._graphs[self._last_key].flags, plan)
+                    self._report(self._cache.entries[self._cache.last_key].flags, plan)
                     return out
             self.last_mode, self.fallback_reason = "eager", reason
             if self.cuda_graph is True and reason not in self._warned:
@@ -547,150 +359,18 @@ class GuidedSampler:
 
     # ----------------------------------------------------------------------- graphs
 
-    def _key(self, noise, labels, guide_labels, weights):
-        def meta(t):
-            return None if t is None else (tuple(t.shape), t.dtype, t.device)
-
-        # Floats are baked into the graph's kernel launches; per-sample tensors are read from
-        # static buffers, so only their place in the run (and dtype) is part of the key.
-        pattern = tuple(w if not isinstance(w, torch.Tensor) else ("tensor", w.dtype) for w in weights)
-        return (meta(noise), meta(labels), meta(guide_labels), guide_labels is labels, pattern)
-
-    def _static(self, plan, noise, labels, guide_labels, weights) -> _Static:
-        """Static copies of a call's inputs, laid out as the graph will read them."""
-        def like(t):
-            return None if not isinstance(t, torch.Tensor) else torch.empty_like(t, memory_format=torch.contiguous_format)
-
-        st_labels = labels if not isinstance(labels, torch.Tensor) else like(labels)
-        if guide_labels is labels:
-            st_guide = st_labels
-        else:
-            st_guide = guide_labels if not isinstance(guide_labels, torch.Tensor) else like(guide_labels)
-        slots: Dict[int, torch.Tensor] = {}
-        st_weights = []
-        for w in weights:
-            if isinstance(w, torch.Tensor):
-                if id(w) not in slots:
-                    slots[id(w)] = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-                st_weights.append(slots[id(w)])
-            else:
-                st_weights.append(w)
-        eps = [torch.empty(noise.shape, dtype=self.dtype, device=noise.device) for _ in range(plan.churned)]
-        return _Static(noise=like(noise), labels=st_labels, guide_labels=st_guide, eps=eps,
-                       weights=st_weights, slots=slots, flags=self._flags(plan, noise.device))
-
-    def _fill(self, st: _Static, noise, labels, guide_labels, weights, randn_like):
-        """Copy a call's inputs into the static buffers; draw its churn noise in the reference's order."""
-        st.noise.copy_(noise)
-        if isinstance(st.labels, torch.Tensor):
-            st.labels.copy_(labels)
-        if isinstance(st.guide_labels, torch.Tensor) and st.guide_labels is not st.labels:
-            st.guide_labels.copy_(guide_labels)
-        # The static slots follow the run's evaluation order; this call's tensors go in the same order.
-        done = set()
-        for w, slot in zip(weights, st.weights):
-            if isinstance(w, torch.Tensor) and id(slot) not in done:
-                slot.copy_(w)
-                done.add(id(slot))
-        draw = _Noise(randn_like, noise.shape, self.dtype, noise.device)
-        for buf in st.eps:
-            buf.copy_(draw(buf))
-
-    def _replay_fn(self, plan, st: _Static, overlap):
-        eps = st.eps
-
-        def run():
-            return self._run(plan, st.noise, st.labels, st.guide_labels, st.weights, lambda k, x: eps[k], overlap,
-                             st.flags)
-
-        return run
-
     def _graph_call(self, plan, noise, labels, guide_labels, weights, randn_like, overlap):
-        """(samples, None) from a graph replay, or (None, why not)."""
-        key = self._key(noise, labels, guide_labels, weights)
-        self._last_key = key
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            st = self._graphs[key]
-            if st is None:
-                return None, self._failed[key]
-            self._fill(st, noise, labels, guide_labels, weights, randn_like)
-            st.graph.replay()
-            return st.out.clone(), None
-        st = self._static(plan, noise, labels, guide_labels, weights)
-        self._fill(st, noise, labels, guide_labels, weights, randn_like)
-        run = self._replay_fn(plan, st, overlap)
-        device = noise.device
-        if device.type != "cuda":  # _emulate_graphs
-            st.graph = _Emulated(run, st)
-            self._remember(key, st, None)
-            st.graph.replay()
-            return st.out.clone(), None
-        # Warm up on a side stream (lazy initialization, autotuning, Triton compiles and
-        # torch.compile happen here, not under capture); a genuine error of the networks is raised
-        # here, as in an eager run.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                st.out = run()
-        except Exception as exc:  # capture rejected something the networks do: run eagerly from now on
-            lines = str(exc).strip().splitlines()
-            reason = f"capture failed ({type(exc).__name__}: {lines[0] if lines else 'no message'})"
-            try:
-                torch.cuda.synchronize(device)
-            except Exception:  # pragma: no cover - the eager run will report a broken device
-                pass
-            self._remember(key, None, reason)
-            return None, reason
-        st.graph = graph
-        self._remember(key, st, None)
-        graph.replay()
-        return st.out.clone(), None
+        """(samples, None) from a graph replay, or (None, why not): see :class:`GraphCache`."""
+        def run(noise, labels, guide_labels, weights, eps, flags):
+            return self._run(plan, noise, labels, guide_labels, weights, eps, overlap, flags)
 
-    def _remember(self, key, st, reason):
-        self._graphs[key] = st
-        if reason is not None:
-            self._failed[key] = reason
-        while len(self._graphs) > self.max_graphs:
-            old, _ = self._graphs.popitem(last=False)
-            self._failed.pop(old, None)
+        return self._cache.call(run, plan.churned, self.dtype, noise, labels, guide_labels, weights, randn_like,
+                                lambda: self._flags(plan, noise.device))
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory pool); the next call captures anew."""
-        self._graphs.clear()
-        self._failed.clear()
+        self._cache.clear()
         self._plans.clear()
-
-
-class _Emulated:
-    """A stand-in for a captured graph (tests, CPU): replaying runs the same closure over the static buffers."""
-
-    def __init__(self, run, st: _Static):
-        self.run, self.st = run, st
-
-    def replay(self):
-        self.st.out = self.run()
-
-
-class _Noise:
-    """``randn_like`` checked: its noise must have the sample's shape, dtype and device."""
-
-    def __init__(self, randn_like, shape, dtype, device):
-        self.fn, self.shape, self.dtype, self.device = randn_like, torch.Size(shape), dtype, device
-
-    def __call__(self, x):
-        eps = self.fn(x)
-        if not isinstance(eps, torch.Tensor):
-            raise TypeError(f"randn_like must return a torch.Tensor, got {type(eps).__name__}")
-        if eps.shape != self.shape or eps.dtype != self.dtype or eps.device != self.device:
-            raise ValueError(f"randn_like(x) must return noise like x ({tuple(self.shape)}, {self.dtype}, "
-                             f"{self.device}), got ({tuple(eps.shape)}, {eps.dtype}, {eps.device})")
-        return eps
 
 
 def _compiled(net):

@@ -8,7 +8,7 @@ Every function here evaluates the formula in the dtype of ``x`` (``dtype`` for
 ``torch_guided_denoise``), after casting the network outputs to it, exactly as the reference
 sampler does.  ``guidance``, ``t_cur`` and ``t_next`` are Python floats or 1-D tensors with
 one value per sample (dimension 0 of ``x``).  No argument checking happens here: the public
-API in :mod:`ag_kernels.ops` validates before it calls a backend.
+API in :mod:`ag_kernels.kernels.ops` validates before it calls a backend.
 """
 
 from __future__ import annotations

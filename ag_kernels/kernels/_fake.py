@@ -1,5 +1,5 @@
 """The fake (meta) kernel shared by every ag_kernels custom op, in a leaf module so that the
-extension's loader (:mod:`ag_kernels._backends`) and the Triton ops (:mod:`ag_kernels.triton_kernels`)
+extension's loader (:mod:`ag_kernels.kernels._backends`) and the Triton ops (:mod:`ag_kernels.kernels.triton_kernels`)
 both depend on it and not on each other."""
 
 

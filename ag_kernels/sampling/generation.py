@@ -1,7 +1,7 @@
 """Generate samples for a list of seeds: seeds -> batches -> guided EDM sampler -> decode -> PNGs.
 
 Every seed's noise, random class and churn noise come from its own generator
-(:class:`ag_kernels.seeds.SeedNoise`), so a seed gives the same sample whatever batch it is in.
+(:class:`ag_kernels.sampling.seeds.SeedNoise`), so a seed gives the same sample whatever batch it is in.
 Under ``torchrun`` the batches are dealt out over the processes (rank r runs batches
 r, r + W, r + 2W, ...): each batch is the one a single process would run, so the union of the
 ranks' outputs is the single-process output, bit for bit.

@@ -9,7 +9,7 @@ Two formats load by default:
       {"format": "ag_kernels.net", "version": 1, "arch": name, "kwargs": {...}, "state_dict": {...}}
 
   read with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain
-  containers.  The network is then built from a class registered in :mod:`ag_kernels.nets`
+  containers.  The network is then built from a class registered in :mod:`ag_kernels.models.nets`
   under ``arch``, so the file names an architecture but carries no code.
 
 Anything else that needs full unpickling, such as ``torch.save(model)`` or an EDM2 snapshot
@@ -68,7 +68,7 @@ def _json_like(value) -> bool:
 def save_net(net: nn.Module, path: PathLike) -> None:
     """Write ``net`` in our checkpoint format (see the module docstring) to ``path``.
 
-    ``net`` must be an instance of a class registered with :func:`ag_kernels.nets.register_arch`
+    ``net`` must be an instance of a class registered with :func:`ag_kernels.models.nets.register_arch`
     (exactly that class, not a subclass, since the file records the registered name) that keeps
     its constructor keyword arguments, JSON-like values only, in ``net.init_kwargs``.
     The file is written to a temporary name first and then renamed, so an interrupted save never
@@ -82,7 +82,7 @@ def save_net(net: nn.Module, path: PathLike) -> None:
     if name is None or ARCHS.get(name) is not type(net):
         raise TypeError(
             f"net is a {type(net).__qualname__}, which is not a registered architecture; registered: "
-            f"{sorted(ARCHS)}.  Decorate the class with @ag_kernels.nets.register_arch(name) (and store its "
+            f"{sorted(ARCHS)}.  Decorate the class with @ag_kernels.models.nets.register_arch(name) (and store its "
             "constructor kwargs in self.init_kwargs), or save it as TorchScript with torch.jit.script(net).save(path)"
         )
     kwargs = getattr(net, "init_kwargs", None)
@@ -383,7 +383,7 @@ def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_
                 f"torch.save(model), or an EDM2 .pkl snapshot) that only full unpickling can rebuild, and "
                 f"unpickling can run arbitrary code{_torch_reason(exc)}.  If you trust the file, load it with "
                 "allow_pickle=True (CLI: --allow-pickle); better, convert it once with "
-                "ag_kernels.checkpoint.save_net or torch.jit.script(net).save(path)."
+                "ag_kernels.models.checkpoint.save_net or torch.jit.script(net).save(path)."
             ) from None
         try:
             obj = _full_unpickle(path, device)
@@ -410,6 +410,6 @@ def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_
         return _build(obj, path, device).eval()
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds a bare state_dict without its architecture; save the network with "
-                              "ag_kernels.checkpoint.save_net(net, path) or as TorchScript")
+                              "ag_kernels.models.checkpoint.save_net(net, path) or as TorchScript")
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a network checkpoint "
                           f"(expected TorchScript or a {FORMAT!r} dict written by save_net)")

@@ -11,7 +11,7 @@ interpreter mode (``TRITON_INTERPRET=1``, the CPU path used in CI), as opaque
 ``torch.library.custom_op`` s, because the interpreter cannot run on the fake tensors that
 ``triton_op`` traces with.
 
-The ops are the layer under :mod:`ag_kernels.ops`: they require every tensor to share x's
+The ops are the layer under :mod:`ag_kernels.kernels.ops`: they require every tensor to share x's
 strides and to be non-overlapping and dense (the public API arranges that).
 """
 

@@ -17,16 +17,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._launch import _kernel_layout, _run_kernel
+
 
 def _forward(name, backend, ref, out_dtype, tensors, params) -> Tensor:
-    from .ops import _run_kernel
-
     return _run_kernel(name, backend, ref, out_dtype, None, tensors, params)
 
 
 def _fake(ref, out_dtype, vecs) -> Tensor:
-    from .ops import _kernel_layout
-
     per_sample = any(v is not None for v in vecs)
     return torch.empty_strided(ref.shape, _kernel_layout(ref, per_sample), dtype=out_dtype, device=ref.device)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import itertools
 import math
 import sys
@@ -20,9 +19,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from ._backends import available_backends, resolve_backend
-from .nets import TinyDenoiser
-from .sampler import edm_sampler
+from ..kernels._backends import available_backends, resolve_backend
+from ..models.nets import TinyDenoiser
+from ..sampling.sampler import edm_sampler
+from ._checkout import ReferenceSamplerError, load_reference_module
 
 __all__ = ["ReferenceSamplerError", "load_reference_sampler", "load_reference_module", "verify", "format_table", "add_arguments", "run", "main"]
 
@@ -32,23 +32,13 @@ S_MIN, S_MAX = 0.05, 50.0
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 LABEL_DIM = 10
 
-_module_ids = itertools.count()
 
 #: One line for ``--help``.
 DESCRIPTION = ("check ag_kernels.edm_sampler against the edm_sampler of your NVlabs/edm2 checkout, "
                "for every available backend and a grid of settings")
 
 
-class ReferenceSamplerError(RuntimeError):
-    """The reference sampler could not be loaded from the given checkout, or it failed to run."""
-
-
 # --------------------------------------------------------------------------- loading the reference
-
-
-def _pip_hint(module: str) -> str:
-    top = module.split(".")[0]
-    return {"PIL": "Pillow", "yaml": "PyYAML", "sklearn": "scikit-learn"}.get(top, top)
 
 
 def load_reference_sampler(edm2_path) -> Callable:
@@ -65,63 +55,6 @@ def load_reference_sampler(edm2_path) -> Callable:
         raise ReferenceSamplerError(f"--edm2: {str(module.__file__)!r} has no function edm_sampler; "
                                     "is this an NVlabs/edm2 checkout?")
     return sampler
-
-
-def load_reference_module(edm2_path):
-    """The module ``generate_images.py`` of an EDM2 checkout at ``edm2_path``, freshly imported.
-
-    ``edm2_path`` is the checkout's root (the folder holding ``generate_images.py``; a path to
-    that file itself also works).  The root is put on ``sys.path`` while the file is imported,
-    since the file imports the checkout's own packages (``dnnlib``, ``torch_utils``); ``sys.path``
-    is restored afterwards.  The module is imported under a unique private name, so it never
-    replaces or is mistaken for another ``generate_images`` and its command-line entry point
-    (guarded by ``__name__ == "__main__"``) does not run.
-
-    Raises:
-        ReferenceSamplerError: the path does not exist, has no generate_images.py, or the import fails
-            (naming a missing module, e.g. ``click``).
-    """
-    root = Path(edm2_path).expanduser()
-    if not root.exists():
-        raise ReferenceSamplerError(f"--edm2: {str(root)!r} does not exist; pass the root of your clone of "
-                                    "https://github.com/NVlabs/edm2")
-    if root.is_file():
-        file, root = root, root.parent
-    else:
-        file = root / "generate_images.py"
-        if not file.is_file():
-            raise ReferenceSamplerError(f"--edm2: no generate_images.py in {str(root)!r}; pass the root of your "
-                                        "clone of https://github.com/NVlabs/edm2")
-    name = f"_ag_kernels_reference_{next(_module_ids)}_{file.stem}"
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise ReferenceSamplerError(f"--edm2: cannot import {str(file)!r} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    saved_path = list(sys.path)
-    sys.path.insert(0, str(root.resolve()))
-    # Registered while it runs, as a normal import would be (dataclasses, pickling look it up).
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except ModuleNotFoundError as exc:
-        sys.modules.pop(name, None)
-        missing = exc.name or str(exc)
-        if (root / missing.split(".")[0]).exists():
-            why = (f"module {missing!r} (part of the checkout) could not be imported; "
-                   "is the checkout complete?")
-        else:
-            why = (f"module {missing!r} is not installed.  The reference needs its checkout's own packages "
-                   f"(dnnlib, torch_utils, found next to generate_images.py) and their dependencies "
-                   f"(click, Pillow, numpy, tqdm, ...) installed in this environment: pip install {_pip_hint(missing)}")
-        raise ReferenceSamplerError(f"--edm2: importing {str(file)!r} failed: {why}") from exc
-    except BaseException as exc:  # noqa: BLE001 - any failure of foreign code, reported with its type
-        sys.modules.pop(name, None)
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        raise ReferenceSamplerError(f"--edm2: importing {str(file)!r} raised {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.path[:] = saved_path
-    return module
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -410,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m ag_kernels verify`` as a function: parse ``argv`` and :func:`run`.
 
-    With ``--generate``, the end-to-end check of :mod:`ag_kernels.verify_generate` instead.
+    With ``--generate``, the end-to-end check of :mod:`ag_kernels.commands.verify_generate` instead.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--generate" in argv:

@@ -24,181 +24,28 @@ Argument rules shared by every op:
   ``x`` itself.  Non-contiguous inputs are accepted (the kernel backends copy them to one
   common layout first, which costs an extra pass); empty tensors give empty results.
 * ``backend``: "auto" (the fastest available for the device, see :func:`available_backends`),
-  "torch" (the PyTorch reference in :mod:`ag_kernels.reference`), "triton", or "ext" (the
+  "torch" (the PyTorch reference in :mod:`ag_kernels.kernels.reference`), "triton", or "ext" (the
   C++/CUDA extension, when built).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import struct
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from . import reference
 from ._backends import EXT_OPS, available_backends, resolve_backend
+from ._checks import D_DTYPES, X_DTYPES, _batch, _check_inputs, _check_tensor, _dtype_names, _guidance, _param
+from ._launch import _kernel_op, _run_kernel
 
 __all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "PreparedSteps"]
-
-X_DTYPES = (torch.float32, torch.float64)
-D_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# --------------------------------------------------------------------------- argument checks
-
-
-def _dtype_names(dtypes) -> str:
-    return "/".join(str(d).replace("torch.", "") for d in dtypes)
-
-
-def _check_tensor(name: str, t, dtypes, like: Optional[torch.Tensor] = None, like_name: str = "x") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {t.dtype}")
-    if like is not None:
-        if t.shape != like.shape:
-            raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
-        if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; put them on one device")
-
-
-def _checking_values() -> bool:
-    # Value checks read tensor data; inside torch.compile tracing they would break the graph.
-    return not torch.compiler.is_compiling()
-
-
-def _check_range(name: str, ok, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {what}")
-
-
-def _in_float32(value: float) -> float:
-    """``value`` rounded to float32 (inf where it overflows), as a kernel computing in float32 sees it."""
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
-
-
-def _param(name: str, value, batch: int, device: torch.device, *, lower: Optional[str] = None,
-           dtype: Optional[torch.dtype] = None):
-    """Normalize a scalar-or-per-sample argument to (float or None, tensor [B] or None).
-
-    ``lower``: None (any finite value), "positive" (> 0) or "nonnegative" (>= 0).  ``dtype``: the
-    dtype the op computes in; in float32 the value must stay finite (and > 0 where positive)
-    after rounding to it, or the result would be silently inf or NaN (sigma = 1e-46 is 0 there).
-    """
-    what = {None: "finite", "positive": "finite and > 0", "nonnegative": "finite and >= 0"}[lower]
-    narrow = dtype == torch.float32
-    if isinstance(value, torch.Tensor):
-        if value.dtype not in D_DTYPES:
-            raise TypeError(f"{name} as a tensor must have dtype {_dtype_names(D_DTYPES)}, got {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the data is on {device}; put them on one device")
-        if value.dim() == 0:
-            value = value.expand(batch)
-        elif value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(
-                f"{name} as a tensor must be 0-d or 1-D of length B = x.shape[0] = {batch} "
-                f"(one value per sample); got shape {tuple(value.shape)}"
-            )
-        if value.device.type == "cpu" and value.numel() and _checking_values():
-            v = value.detach()
-            if narrow and v.dtype == torch.float64:
-                v = v.to(torch.float32)  # the kernels read it in float32: check what they will see
-            ok = bool(torch.isfinite(v).all())
-            if ok and lower == "positive":
-                ok = bool((v > 0).all())
-            elif ok and lower == "nonnegative":
-                ok = bool((v >= 0).all())
-            _check_range(name, ok, f"{what} in every element" + (" (in float32)" if narrow else ""))
-        return None, value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number or a per-sample tensor, got {type(value).__name__}")
-    value = float(value)
-    ok = math.isfinite(value)
-    if ok and lower == "positive":
-        ok = value > 0
-    elif ok and lower == "nonnegative":
-        ok = value >= 0
-    _check_range(name, ok, f"{what}, got {value}")
-    if narrow and value != 0:
-        rounded = _in_float32(value)
-        if rounded == 0 or math.isinf(rounded):
-            raise ValueError(f"{name}={value!r} is not representable in float32, the dtype of the computation "
-                             f"(it rounds to {rounded}); use float64 data or a value within float32's range")
-    return value, None
-
-
-def _batch(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() > 0 else 1
-
-
-# --------------------------------------------------------------------------- layout for kernels
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """True when t's elements fill its memory span exactly once, in some order of dimensions."""
-    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
-def _stride_key(shape, strides) -> Tuple[int, ...]:
-    # Strides of size-1 dimensions do not change where elements live.
-    return tuple(st for sz, st in zip(shape, strides) if sz != 1)
-
-
-def _contiguous_strides(shape) -> Tuple[int, ...]:
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a.dtype == b.dtype
-        and _stride_key(a.shape, a.stride()) == _stride_key(b.shape, b.stride())
-    )
-
-
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def _kernel_layout(ref: torch.Tensor, per_sample: bool):
-    """Strides all kernel operands are put into: ref's own if it is dense (batch outermost when
-    per-sample coefficients are read by row), else contiguous."""
-    strides = ref.stride()
-    ok = _dense(ref)
-    if ok and per_sample and ref.dim() > 0 and ref.shape[0] > 1:
-        ok = strides[0] == ref.numel() // ref.shape[0]
-    return strides if ok else _contiguous_strides(ref.shape)
-
-
-def _in_layout(t: Optional[torch.Tensor], strides) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    if _dense(t) and _stride_key(t.shape, t.stride()) == _stride_key(t.shape, strides):
-        return t
-    # Non-contiguous or differently laid-out input: one copy into the common layout (no dtype change).
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
 # --------------------------------------------------------------------------- fast path
 #
 # A sampler calls these ops twice per step with small tensors on a GPU or small problems on a
-# CPU, where the checks above (tens of microseconds of Python) would cost more than the kernel.
+# CPU, where the checks of :mod:`._checks` (tens of microseconds of Python) would cost more than the kernel.
 # The common call (plain contiguous tensors, matching shapes, devices and dtypes, finite Python
 # numbers) is recognized with O(1) attribute reads and handed straight to the kernel op; every
 # other call, including every bad one, takes the checked path below, which raises the errors.
@@ -356,64 +203,6 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn)
 
         return _autograd.apply(name, chosen, out_dtype, tensors, params)
     return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params)
-
-
-def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params):
-    """The kernel backend ``chosen`` computes op ``name`` into ``out`` (or a new tensor), laying out operands."""
-    if ref.numel() == 0:
-        return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
-    per_sample = any(v is not None for _, v in params)
-    strides = _kernel_layout(ref, per_sample)
-    operands = [_in_layout(t, strides) for t in tensors]
-    target = out
-    if out is None or torch.compiler.is_compiling():
-        # Under torch.compile, aliasing is left to functionalization: write a fresh tensor, then copy.
-        target = None
-    elif not (_dense(out) and _stride_key(out.shape, out.stride()) == _stride_key(out.shape, strides)):
-        target = None
-    else:
-        for t in operands:
-            # Reading and writing the same element is safe; a shifted or re-strided alias is not.
-            if t is not None and _shares_storage(out, t) and not _same_view(out, t):
-                target = None
-    if target is None:
-        target = torch.empty_strided(ref.shape, strides, dtype=out_dtype, device=ref.device)
-
-    _kernel_op(chosen, name)(target, *operands, *[v for _, v in params], *[1.0 if s is None else s for s, _ in params])
-
-    if out is None:
-        return target
-    if target is not out:
-        out.copy_(target)
-    return out
-
-
-def _kernel_op(backend: str, name: str):
-    """The custom op ``name`` of a kernel backend; "ext" ops share the Triton ops' schemas."""
-    if backend == "triton":
-        from . import triton_kernels  # noqa: F401  (registers torch.ops.ag_kernels_triton.*)
-
-        return getattr(torch.ops.ag_kernels_triton, name)
-    return getattr(torch.ops.ag_kernels, name)
-
-
-def _guidance(d_guide, guidance, batch, device, dtype=None):
-    """(d_guide, (scalar, vector)): guidance is ignored without d_guide, and a scalar 1 needs no d_guide."""
-    if d_guide is None:
-        return None, (1.0, None)
-    g = _param("guidance", guidance, batch, device, dtype=dtype)
-    if g[1] is None and g[0] == 1.0:
-        return None, g  # D_w = D_1 exactly at w = 1 (lerp's end point): skip reading D_0.
-    return d_guide, g
-
-
-def _check_inputs(x_name, x, d_main, d_guide, extra=()):
-    _check_tensor(x_name, x, X_DTYPES)
-    for name, t in extra:
-        _check_tensor(name, t, (x.dtype,), x, x_name)
-    _check_tensor("d_main", d_main, D_DTYPES, x, x_name)
-    if d_guide is not None:
-        _check_tensor("d_guide", d_guide, D_DTYPES, x, x_name)
 
 
 # --------------------------------------------------------------------------- public ops

@@ -25,7 +25,7 @@ from pathlib import Path
 
 PROG = "python -m ag_kernels generate"
 SETTINGS_FILE = "ag_kernels-settings.json"
-_EDM2_ENV = "AG_EDM2_PATH"  # ag_kernels.edm2.ENV_VAR, named here without importing torch for --help
+_EDM2_ENV = "AG_EDM2_PATH"  # ag_kernels.models.edm2.ENV_VAR, named here without importing torch for --help
 _F32_MAX = 3.4e38
 
 
@@ -139,7 +139,7 @@ def _check_outdir(text):
 
 def _check_flags(args):
     """Every flag that can be checked before anything is loaded; returns (seeds, shape, interval)."""
-    from .seeds import parse_seeds
+    from ..sampling.seeds import parse_seeds
 
     try:
         seeds = parse_seeds(args.seeds)
@@ -274,8 +274,8 @@ def _write_settings(outdir: Path, settings):
 
 def _load(path, flag, device, allow_pickle):
     """(network, encoder or None): our formats and TorchScript, else (with allow_pickle) an EDM2 snapshot."""
-    from .checkpoint import UnsafeCheckpointError, load_net
-    from .edm2 import load_snapshot
+    from ..models.checkpoint import UnsafeCheckpointError, load_net
+    from ..models.edm2 import load_snapshot
 
     try:
         return load_net(path, device=device), None
@@ -285,6 +285,15 @@ def _load(path, flag, device, allow_pickle):
     except FileNotFoundError:
         raise UsageError(f"{flag}: file not found: {str(path)!r}") from None
     return load_snapshot(path, device=device, allow_pickle=True, flag=flag)
+
+
+def main(argv=None) -> int:
+    """``python -m ag_kernels generate ARGS`` as a function: parse ``argv`` (default: sys.argv[1:]) and run."""
+    from ._parser import Parser
+
+    parser = Parser(prog=PROG)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def run(args) -> int:
@@ -300,10 +309,10 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
-    from .checkpoint import CheckpointError
-    from .edm2 import EDM2Error, find_checkout, prepare_encoder, resolve_preset, use_checkout
-    from .engine import NonFiniteError
-    from .generation import generate
+    from ..models.checkpoint import CheckpointError
+    from ..models.edm2 import EDM2Error, find_checkout, prepare_encoder, resolve_preset, use_checkout
+    from ..sampling.engine import NonFiniteError
+    from ..sampling.generation import generate
 
     try:
         device = torch_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -315,7 +324,7 @@ def _run(args) -> int:
     seeds, shape, interval = _check_flags(args)
     outdir = _check_outdir(args.outdir)
     try:
-        from ._backends import resolve_backend
+        from ..kernels._backends import resolve_backend
 
         resolve_backend(args.backend, device)
     except ValueError as exc:

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .verify import ReferenceSamplerError, load_reference_module
+from ._checkout import ReferenceSamplerError, load_reference_module
 
 __all__ = ["GenConfig", "configs", "build_snapshots", "compare_outputs", "verify_generate", "format_table",
            "add_arguments", "run", "main", "MAIN_NET", "GUIDE_NET"]
@@ -62,7 +62,7 @@ SAMPLER_FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma_min", "sigma_max"
 def build_snapshots(folder, *, resolution: int = 16, seed: int = 0) -> Dict[str, str]:
     """A main and a guiding EDM2 snapshot built with the checkout's ``training.networks_edm2.Precond``.
 
-    The checkout must be importable (``ag_kernels.edm2.use_checkout``).  Random weights from
+    The checkout must be importable (``ag_kernels.models.edm2.use_checkout``).  Random weights from
     ``seed``; the scalar gains, which EDM2 initializes to zero (a network that returns c_skip * x
     and ignores its class), get random values in [0.3, 0.7], so the output depends on the weights,
     the noise level and the class.  As EDM2's training loop saves them: ``ema`` in eval mode,
@@ -185,7 +185,7 @@ def _reference_kwargs(cfg: GenConfig, paths, seeds, batch, num_steps, outdir) ->
 
 def _files(folder: Path) -> List[str]:
     """The files a run wrote, less our settings record (the reference writes none; it is not an image)."""
-    from .cli_generate import SETTINGS_FILE
+    from .generate import SETTINGS_FILE
 
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.relative_to(folder).as_posix() != SETTINGS_FILE)
@@ -261,11 +261,11 @@ def _run_reference(module, kwargs: dict, device: torch.device):
 
 @contextlib.contextmanager
 def _recording_batches(batches: list):
-    """While active, the seeds of every batch that ag_kernels.generation.generate yields are appended to batches.
+    """While active, the seeds of every batch that ag_kernels.sampling.generation.generate yields are appended to batches.
 
     Our command line imports generate when it runs, so it picks up the recording wrapper.
     """
-    from . import generation
+    from ..sampling import generation
 
     original = generation.generate
 
@@ -284,14 +284,14 @@ def _recording_batches(batches: list):
 def _run_ours(argv: List[str]):
     """(seconds, batches, error or None): our command line, in this process, its output captured;
     batches as :func:`_run_reference`'s."""
-    from .__main__ import main as cli
+    from .generate import main as cli
 
     out = io.StringIO()
     batches: list = []
     start = time.perf_counter()
     try:
         with _recording_batches(batches), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            rc = cli(argv)
+            rc = cli(argv[1:])  # argv[0] is the command's name, "generate"
     except SystemExit as exc:
         rc = exc.code
     except Exception as exc:  # noqa: BLE001 - ours failing is a failed row, reported
@@ -358,7 +358,7 @@ def verify_generate(
 ) -> List[dict]:
     """Run every configuration through the reference and our CLI into ``workdir``; one row per comparison.
 
-    ``edm2_root`` must already be importable (:func:`ag_kernels.edm2.use_checkout`).  With
+    ``edm2_root`` must already be importable (:func:`ag_kernels.models.edm2.use_checkout`).  With
     ``torchrun`` = N > 1, the "churned" configuration also runs under torchrun with N processes,
     ours and the reference's (rows "torchrun xN").  ``only`` restricts the configurations by name.
 
@@ -391,7 +391,7 @@ def verify_generate(
         base.mkdir(parents=True, exist_ok=True)
         spec.write_text(json.dumps(dict(edm2=str(edm2_root), device=str(device),
                                         kwargs=_reference_kwargs(cfg, paths, seeds, batch, num_steps, ref_dir))))
-        ref_s, ref_error = _torchrun(torchrun, ["ag_kernels.verify_generate", "--reference-worker", str(spec)],
+        ref_s, ref_error = _torchrun(torchrun, ["ag_kernels.commands.verify_generate", "--reference-worker", str(spec)],
                                      timeout)
         our_argv = _our_argv(cfg, paths, edm2_root, seeds, batch, num_steps, our_dir, device, backend)
         our_s, our_error = _torchrun(torchrun, ["ag_kernels", *our_argv], timeout)
@@ -483,9 +483,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """0 every comparison meets the goals, 1 one does not, 2 bad input (a one-line error on stderr)."""
-    from .edm2 import EDM2Error, find_checkout, use_checkout
-    from .cli_generate import torch_device
-    from .seeds import parse_seeds
+    from ..models.edm2 import EDM2Error, find_checkout, use_checkout
+    from .generate import torch_device
+    from ..sampling.seeds import parse_seeds
 
     def fail(message: str) -> int:
         print(f"verify --generate: error: {message}", file=sys.stderr)
@@ -579,7 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _reference_worker(spec_path: str) -> int:
     """One torchrun process running the reference's generate_images() with the spec's arguments."""
-    from .edm2 import use_checkout
+    from ..models.edm2 import use_checkout
 
     spec = json.loads(Path(spec_path).read_text())
     device = torch.device(spec["device"])

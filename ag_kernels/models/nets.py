@@ -1,4 +1,4 @@
-"""Network architectures that our checkpoint format (:mod:`ag_kernels.checkpoint`) may build.
+"""Network architectures that our checkpoint format (:mod:`ag_kernels.models.checkpoint`) may build.
 
 A checkpoint stores an architecture *name* and its constructor keyword arguments, never code;
 loading looks the name up here.  So only classes registered with :func:`register_arch` can be
@@ -69,7 +69,7 @@ def get_arch(name: str) -> Type[nn.Module]:
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown network architecture {name!r}; registered: {sorted(set(ARCHS) | set(_LAZY_ARCHS))} "
-            "(register new ones with ag_kernels.nets.register_arch)"
+            "(register new ones with ag_kernels.models.nets.register_arch)"
         ) from None
 
 

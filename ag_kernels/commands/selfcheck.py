@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from . import reference
-from ._backends import available_backends
-from .engine import NonFiniteError, karras_schedule
-from .ops import euler_step, heun_step
+from ..kernels import reference
+from ..kernels._backends import available_backends
+from ..sampling.engine import NonFiniteError, karras_schedule
+from ..kernels.ops import euler_step, heun_step
 
 
 def gaussian_denoiser(mu: float, var: float, dtype=torch.float32):
@@ -79,7 +79,7 @@ def run_selfcheck(device="cpu", batch=16, size=64, steps=32, guidances=(1.0, 2.1
     noise = torch.randn((batch, 4, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
     backends = available_backends(device)
     print(f"ag_kernels selfcheck: EDM Heun sampler, {steps} steps, batch {tuple(noise.shape)}, device {device}")
-    print(f"backends: {', '.join(backends)} (reference: the formulas of ag_kernels.reference, op by op)")
+    print(f"backends: {', '.join(backends)} (reference: the formulas of ag_kernels.kernels.reference, op by op)")
     if "triton" not in backends:
         print("(triton runs on CUDA tensors; on the CPU set TRITON_INTERPRET=1 to check it in the interpreter)")
     print(f"data N({mu}, {var}) per coordinate; D_1 exact, D_0 with variance {2 * var} (the bad version);")

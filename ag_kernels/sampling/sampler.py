@@ -11,7 +11,7 @@ Beyond the reference: per-sample guidance (a tensor [B]), guidance as a function
 guidance interval (Kynkäänniemi et al. 2024) outside which the guiding network is not evaluated,
 an Euler solver, a progress bar, and the engine's options (CUDA graphs, the guide on a second
 stream, one batched call for CFG with one network).  The loop itself lives in
-:mod:`ag_kernels.engine` (:class:`ag_kernels.GuidedSampler`), which samples many batches with
+:mod:`ag_kernels.sampling.engine` (:class:`ag_kernels.GuidedSampler`), which samples many batches with
 one set of networks and settings.
 """
 

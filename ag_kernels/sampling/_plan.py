@@ -1,0 +1,86 @@
+"""The plan of a run: the Karras schedule, churn and the noise level of every network evaluation.
+
+Everything that holds for a whole run is decided once per (device, dtype), before the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float, *, dtype=torch.float32,
+                    device=None) -> torch.Tensor:
+    """Noise levels t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0: N + 1 values in ``dtype``.
+
+    Evaluated with the reference sampler's expression in ``dtype`` on ``device``, so the networks
+    see the same noise levels.  With ``num_steps == 1`` the schedule is [sigma_max, 0] (the
+    reference's formula divides by num_steps - 1 there).
+    """
+    step_indices = torch.arange(num_steps, dtype=dtype, device=device)
+    if num_steps > 1:
+        t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
+                   * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    else:
+        t_steps = torch.full((1,), sigma_max, dtype=dtype, device=device)
+    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+
+@dataclass
+class _Step:
+    """Step i of a run: where it starts (t_hat), where it lands, and its churn, if any."""
+
+    t_cur: torch.Tensor            # 0-d, in the sampler's dtype, on the device
+    t_hat: torch.Tensor            # t_cur raised by churn, or t_cur itself
+    t_next: torch.Tensor
+    t_hat_host: float
+    t_next_host: float
+    churn: Optional[torch.Tensor]  # sqrt(t_hat^2 - t_cur^2) * S_noise (0-d), where churned
+    heun: bool                     # Heun's correction follows the Euler step
+
+
+@dataclass
+class _Plan:
+    """Everything fixed for a (device, dtype): the schedule as the networks and the ops see it."""
+
+    t0: torch.Tensor
+    steps: List[_Step]
+    sigmas: List[float] = field(default_factory=list)  # the noise level of each evaluation, in order
+    churned: int = 0
+
+
+def make_plan(*, num_steps: int, sigma_min: float, sigma_max: float, rho: float, S_churn: float, S_min: float,
+              S_max: float, S_noise: float, solver: str, dtype: torch.dtype, device: torch.device) -> _Plan:
+    """The plan of a run on ``device`` in ``dtype``: the checked settings of a GuidedSampler, laid out per step."""
+    n = num_steps
+    # The schedule in the sampler's dtype on the data's device, as the reference computes it;
+    # one host copy gives the ops their coefficients and the churn test its noise levels.
+    t_steps = karras_schedule(n, sigma_min, sigma_max, rho, dtype=dtype, device=device)
+    t_host = t_steps.tolist()
+    t_dev = t_steps.unbind(0)
+    gamma = min(S_churn / n, math.sqrt(2) - 1) if S_churn > 0 else 0.0
+    # The reference compares t_cur (a `dtype` tensor) with S_min/S_max, which torch rounds to
+    # `dtype` first: so does this, and a bound within an ulp of a noise level churns the same steps.
+    s_min, s_max = (torch.tensor(v, dtype=dtype).item() for v in (S_min, S_max))
+    steps, sigmas, churned = [], [], 0
+    for i in range(n):
+        t_cur, t_next = t_dev[i], t_dev[i + 1]
+        churn = None
+        if gamma > 0 and s_min <= t_host[i] <= s_max:
+            # Churn (EDM Algorithm 2): the step starts at t_hat = t_cur (1 + gamma), with fresh noise
+            # of std sqrt(t_hat^2 - t_cur^2) added; the same tensor expressions as the reference.
+            t_hat = t_cur + gamma * t_cur
+            churn = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
+            churned += 1
+        else:
+            t_hat = t_cur
+        heun = solver == "heun" and i < n - 1  # the last step lands on t_N = 0: Euler only
+        step = _Step(t_cur, t_hat, t_next, float(t_hat), t_host[i + 1], churn, heun)
+        steps.append(step)
+        sigmas.append(step.t_hat_host)
+        if heun:
+            sigmas.append(step.t_next_host)
+    return _Plan(t0=t_dev[0], steps=steps, sigmas=sigmas, churned=churned)

@@ -1,0 +1,129 @@
+"""The engine's argument checks: real numbers, flags, the guidance weight at each noise level, churn noise.
+
+Checked once, when a :class:`~ag_kernels.GuidedSampler` is built or called; the run trusts them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, List, Optional
+
+import torch
+
+from ..kernels.ops import D_DTYPES
+
+SOLVERS = ("heun", "euler")
+_SAME = object()  # guide_labels default: the guiding network gets the main network's labels
+
+
+def _real(name: str, value, *, positive=False, nonnegative=False, allow_inf=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _flag(name: str, value, *, auto: bool = False):
+    """A bool argument (or "auto" where allowed), checked by identity: 1, 0 and "yes" are refused."""
+    if value is True or value is False or (auto and isinstance(value, str) and value == "auto"):
+        return value
+    allowed = "True, False or 'auto'" if auto else "True or False"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+class _Guidance:
+    """The guidance weight at a noise level: a number, a per-sample tensor [B], or None (w = 1: net only)."""
+
+    def __init__(self, guidance, gnet, interval):
+        self.fn: Optional[Callable] = None
+        self.value = None
+        if callable(guidance) and not isinstance(guidance, torch.Tensor):
+            self.fn = guidance
+        elif isinstance(guidance, torch.Tensor):
+            if guidance.dtype not in D_DTYPES:
+                raise TypeError(f"guidance as a tensor must have a float dtype, got {guidance.dtype}")
+            self.value = guidance
+        else:
+            w = _real("guidance", guidance)
+            self.value = None if w == 1.0 else w
+        if interval is not None:
+            if not isinstance(interval, (tuple, list)) or len(interval) != 2:
+                raise TypeError(f"guidance_interval must be a pair (lo, hi), got {interval!r}")
+            lo = _real("guidance_interval[0]", interval[0], nonnegative=True)
+            hi = _real("guidance_interval[1]", interval[1], allow_inf=True)
+            if not lo < hi:
+                raise ValueError(f"guidance_interval must have lo < hi, got {tuple(interval)}")
+            interval = (lo, hi)
+        self.interval = interval
+        self.gnet = gnet
+        if self.value is not None and not isinstance(self.value, torch.Tensor) and gnet is None:
+            raise ValueError(
+                "gnet is None but guidance != 1: pass the guiding network as gnet "
+                "(autoguidance: a worse version of net; CFG: the unconditional model), or use guidance=1"
+            )
+
+    @staticmethod
+    def _check(value, batch, device, name):
+        """None (no guidance) for a weight of exactly 1, else a float or a per-sample tensor [B]."""
+        if isinstance(value, torch.Tensor):
+            if value.dtype not in D_DTYPES:
+                raise TypeError(f"{name} as a tensor must have a float dtype, got {value.dtype}")
+            if value.dim() == 0:
+                value = value.reshape(1).expand(batch)
+            if value.dim() != 1 or value.shape[0] != batch:
+                raise ValueError(f"{name} as a tensor must be 0-d or have one value per sample ({batch}), "
+                                 f"got shape {tuple(value.shape)}")
+            if value.device != device:
+                raise ValueError(f"{name} is on {value.device} but noise is on {device}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} must be finite in every element")
+            if bool((value == 1).all()):
+                return None
+            return value
+        w = _real(name, value)
+        return None if w == 1.0 else w
+
+    def weights(self, sigmas: List[float], batch: int, device: torch.device) -> list:
+        """The weight of every evaluation at the noise levels ``sigmas``, each checked once."""
+        constant = None
+        if self.fn is None and self.value is not None:
+            constant = self._check(self.value, batch, device, "guidance")
+            if constant is not None and self.gnet is None:
+                raise ValueError("gnet is None but guidance != 1: pass the guiding network as gnet, or use guidance=1")
+        out, seen = [], {}
+        for sigma in sigmas:
+            if self.interval is not None and not (self.interval[0] < sigma <= self.interval[1]):
+                out.append(None)
+            elif self.fn is None:
+                out.append(constant)
+            else:
+                if sigma not in seen:  # Heun's t_next is the next step's t_cur: one call per level
+                    w = self._check(self.fn(sigma), batch, device, f"guidance({sigma:g})")
+                    if w is not None and self.gnet is None:
+                        raise ValueError(f"gnet is None but guidance({sigma:g}) != 1: pass the guiding network as gnet")
+                    seen[sigma] = w
+                out.append(seen[sigma])
+        return out
+
+
+class _Noise:
+    """``randn_like`` checked: its noise must have the sample's shape, dtype and device."""
+
+    def __init__(self, randn_like, shape, dtype, device):
+        self.fn, self.shape, self.dtype, self.device = randn_like, torch.Size(shape), dtype, device
+
+    def __call__(self, x):
+        eps = self.fn(x)
+        if not isinstance(eps, torch.Tensor):
+            raise TypeError(f"randn_like must return a torch.Tensor, got {type(eps).__name__}")
+        if eps.shape != self.shape or eps.dtype != self.dtype or eps.device != self.device:
+            raise ValueError(f"randn_like(x) must return noise like x ({tuple(self.shape)}, {self.dtype}, "
+                             f"{self.device}), got ({tuple(eps.shape)}, {eps.dtype}, {eps.device})")
+        return eps
