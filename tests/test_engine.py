@@ -29,6 +29,8 @@ LABEL_DIM = 5
 CHURN = dict(S_churn=30.0, S_min=0.05, S_max=50.0)
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device; none is available here")
+needs_two_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2,
+                                    reason="needs two CUDA devices (tensors on cuda:1 while cuda:0 is current)")
 
 
 def nets(device="cpu", out_dtype="float32"):
@@ -122,24 +124,163 @@ def test_graph_path_refills_every_input(kind, gen):
 
 
 def test_graph_cache_keys_and_eviction(gen):
+    """A float weight is read from a static slot: one graph serves every value of w (a sweep does
+    not re-capture), with each value's own result; batch shapes are keys, least recently used dropped."""
     net, gnet = nets()
     weights = {"w": 2.0}
     engine = GuidedSampler(net, gnet, num_steps=4, cuda_graph=True, max_graphs=2, guidance=lambda s: weights["w"])
     engine._emulate_graphs = True
     noise, labels = inputs(gen, 2)
     first = engine(noise, labels)
-    # A float weight is baked into a graph: a new value is a new graph, with the new value's result.
-    weights["w"] = 3.0
-    second = engine(noise, labels)
-    assert len(engine._cache.entries) == 2 and not torch.equal(first, second)
-    assert torch.equal(second, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, guidance=3.0))
+    for w in (3.0, 0.25, -1.5):
+        weights["w"] = w
+        out = engine(noise, labels)
+        assert engine.last_mode == "graph" and len(engine._cache.entries) == 1
+        assert torch.equal(out, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, guidance=w))
+    # w = 1 does not evaluate gnet at all: a different run, so a different graph.
+    weights["w"] = 1.0
+    assert torch.equal(engine(noise, labels), ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4))
+    assert len(engine._cache.entries) == 2
+    weights["w"] = 2.0
     noise3, labels3 = inputs(gen, 3)
     engine(noise3, labels3)
     assert len(engine._cache.entries) == 2  # the least recently used graph went
-    weights["w"] = 2.0
     assert torch.equal(engine(noise, labels), first)  # captured again, same result
     engine.reset()
     assert not engine._cache.entries
+
+
+@pytest.mark.parametrize("backend", ag_kernels.available_backends("cpu"))
+def test_float_weight_slots_equal_eager_bitwise(backend, gen):
+    """The graph path reads a float w from a static float64 slot; every backend gives the float's result bitwise."""
+    net, gnet = nets()
+    weights = {"w": 2.1}
+    engine = GuidedSampler(net, gnet, num_steps=4, backend=backend, cuda_graph=True, guidance=lambda s: weights["w"],
+                           guidance_interval=(0.3, 50.0), **CHURN)
+    engine._emulate_graphs = True
+    for call, w in enumerate((2.1, 0.4, 3.7)):
+        weights["w"] = w
+        noise, labels = inputs(gen, 3)
+        out = engine(noise, labels, randn_like=seeded(call))
+        ref = ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, backend=backend, guidance=w,
+                                     guidance_interval=(0.3, 50.0), randn_like=seeded(call), **CHURN)
+        assert engine.last_mode == "graph" and torch.equal(out, ref), f"w={w}"
+    assert len(engine._cache.entries) == 1
+
+
+def test_weight_aliasing_is_part_of_the_graph_key(gen):
+    """A guidance function that returned one tensor for every level at capture and distinct tensors
+    later must not have the later call read the first tensor's slot everywhere."""
+    net, gnet = nets()
+    shared = torch.tensor([2.0, 2.5, 3.0])
+    calls = {"mode": "shared"}
+
+    def guidance(sigma):
+        if calls["mode"] == "shared":
+            return shared
+        return torch.full((3,), 1.0 + sigma / (1.0 + sigma))  # a new tensor per noise level
+
+    engine = GuidedSampler(net, gnet, num_steps=5, cuda_graph=True, guidance=guidance)
+    engine._emulate_graphs = True
+    noise, labels = inputs(gen, 3)
+    a = engine(noise, labels)
+    assert torch.equal(a, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=5, guidance=guidance))
+    calls["mode"] = "distinct"
+    b = engine(noise, labels)
+    assert engine.last_mode == "graph"
+    assert torch.equal(b, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=5, guidance=guidance))
+    assert len(engine._cache.entries) == 2  # two aliasing patterns, two graphs
+
+
+def test_capture_failure_reports_the_networks_error_and_reuses_the_churn_noise(gen):
+    """A network that capture rejects (emulated: it raises while the run is captured): the reason is
+    its own error, and the eager fallback uses the churn noise already drawn for this call, so the
+    result equals an eager run of the same seeds, first call and later ones alike."""
+    net, gnet = nets()
+    engine = None
+
+    def refusing(x, t, lab):
+        if engine._cache.capturing:
+            raise RuntimeError("host read of a CUDA value while capturing")
+        return gnet(x, t, lab)
+
+    engine = GuidedSampler(net, refusing, num_steps=5, guidance=2.0, cuda_graph=True, **CHURN)
+    engine._emulate_graphs = True
+    for call in range(2):
+        noise, labels = inputs(gen, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = engine(noise, labels, randn_like=seeded(call))
+        assert engine.last_mode == "eager"
+        assert engine.fallback_reason == "capture failed (RuntimeError: host read of a CUDA value while capturing)"
+        assert len(caught) == (1 if call == 0 else 0)
+        ref = GuidedSampler(net, gnet, num_steps=5, guidance=2.0, cuda_graph=False, **CHURN)(
+            noise, labels, randn_like=seeded(call))
+        assert torch.equal(out, ref), f"call {call}"
+
+
+def test_generate_after_a_capture_failure_keeps_per_seed_noise(gen):
+    """generate with churn and a network that capture rejects: every batch equals the eager run's."""
+    net, gnet = nets()
+    engines = []
+    real_init = GuidedSampler.__init__
+
+    def refusing(x, t, lab):
+        if any(e._cache.capturing for e in engines):
+            raise RuntimeError("synchronizes")
+        return gnet(x, t, lab)
+
+    kw = dict(seeds=range(5), batch_size=3, num_steps=4, guidance=2.0, progress=False, **CHURN)
+    eager = list(ag_kernels.generate(net, refusing, cuda_graph=False, **kw))
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._emulate_graphs = True
+        engines.append(self)
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setattr(GuidedSampler, "__init__", init)
+        graphs = list(ag_kernels.generate(net, refusing, cuda_graph=True, **kw))
+    assert engines and all(e.last_mode == "eager" for e in engines)
+    for a, b in zip(eager, graphs):
+        assert torch.equal(a.samples, b.samples)
+
+
+def test_static_buffers_outlive_the_callers_inference_mode(gen):
+    """The first call (which creates the static buffers) under torch.inference_mode, later ones outside it."""
+    net, gnet = nets()
+    engine = GuidedSampler(net, gnet, num_steps=4, guidance=torch.tensor([2.0, 3.0]), cuda_graph=True,
+                           check_finite=True, **CHURN)
+    engine._emulate_graphs = True
+    noise, labels = inputs(gen, 2)
+    with torch.inference_mode():
+        a = engine(noise, labels, randn_like=seeded(1))
+    b = engine(noise, labels, randn_like=seeded(1))
+    with torch.inference_mode():
+        c = engine(noise, labels, randn_like=seeded(1))
+    assert engine.last_mode == "graph"
+    assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_edm_sampler_engines_are_not_keyed_by_per_call_guidance(gen, monkeypatch):
+    """edm_sampler(cuda_graph=True) with a guidance lambda, tensor or float made anew per call reuses one
+    engine and one graph (emulated here) and gives each call's own result."""
+    from ag_kernels.sampling import sampler as sampler_module
+
+    monkeypatch.setattr(GuidedSampler, "_emulate_graphs", True)
+    net, gnet = nets()
+    noise, labels = inputs(gen, 3)
+    sampler_module._ENGINES.clear()
+    for w in (2.0, 2.5, 3.0):
+        for guidance in (w, lambda s, w=w: w, torch.full((3,), w)):
+            out = ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=3, guidance=guidance, cuda_graph=True)
+            ref = ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=3, guidance=w)
+            assert torch.equal(out, ref), (w, type(guidance).__name__)
+    (engine,) = sampler_module._ENGINES.values()
+    assert engine.last_mode == "graph"
+    assert len(engine._cache.entries) == 2  # float weights (numbers and lambdas) and the per-sample tensor
+    sampler_module._ENGINES.clear()
 
 
 def test_cuda_graph_true_on_cpu_warns_once_and_runs_eagerly(gen):

@@ -107,6 +107,11 @@ class GuidedSampler:
     why graphs were not used).
     """
 
+    # Tests only: on the CPU, "capture" warms up, runs the closure once more and keeps it, and
+    # "replay" calls it, so the static buffers, their refilling, the graph cache and the capture
+    # fallback are exercised without a GPU (set on an instance, or on the class for edm_sampler).
+    _emulate_graphs = False
+
     def __init__(
         self,
         net,
@@ -189,9 +194,6 @@ class GuidedSampler:
         self._cache = GraphCache(self.max_graphs)
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
         self._warned = set()
-        # Tests only: on the CPU, "capture" keeps the run's closure and "replay" calls it, so the
-        # static buffers, their refilling and the graph cache are exercised without a GPU.
-        self._emulate_graphs = False
         self.last_mode: Optional[str] = None
         self.fallback_reason: Optional[str] = None
 
@@ -327,8 +329,9 @@ class GuidedSampler:
         reason = self._graph_reason(noise, labels, guide_labels)
         # Outside torch.no_grad the reference tracks no gradients either: sampling never does.
         with torch.no_grad():
+            drawn = None
             if reason is None:
-                out, reason = self._graph_call(plan, noise, labels, guide_labels, weights, randn_like, overlap)
+                out, reason, drawn = self._graph_call(plan, noise, labels, guide_labels, weights, randn_like, overlap)
                 if out is not None:
                     self.last_mode, self.fallback_reason = "graph", None
                     self._report(self._cache.entries[self._cache.last_key].flags, plan)
@@ -337,9 +340,14 @@ class GuidedSampler:
             if self.cuda_graph is True and reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"GuidedSampler: running eagerly, not from a CUDA graph: {reason}", stacklevel=2)
-            eps = _Noise(randn_like, noise.shape, self.dtype, noise.device)
+            if drawn is not None:
+                # A failed capture already drew this call's churn noise, in the eager order: use it, not fresh draws.
+                eps = lambda k, x: drawn[k]  # noqa: E731
+            else:
+                draw = _Noise(randn_like, noise.shape, self.dtype, noise.device)
+                eps = lambda k, x: draw(x)  # noqa: E731
             flags = self._flags(plan, noise.device)
-            out = self._run(plan, noise, labels, guide_labels, weights, lambda k, x: eps(x), overlap, flags)
+            out = self._run(plan, noise, labels, guide_labels, weights, eps, overlap, flags)
             self._report(flags, plan)
             return out
 
@@ -360,7 +368,7 @@ class GuidedSampler:
     # ----------------------------------------------------------------------- graphs
 
     def _graph_call(self, plan, noise, labels, guide_labels, weights, randn_like, overlap):
-        """(samples, None) from a graph replay, or (None, why not): see :class:`GraphCache`."""
+        """(samples, None, None) from a graph replay, or (None, why not, churn noise drawn or None): see :class:`GraphCache`."""
         def run(noise, labels, guide_labels, weights, eps, flags):
             return self._run(plan, noise, labels, guide_labels, weights, eps, overlap, flags)
 
