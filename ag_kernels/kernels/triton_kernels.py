@@ -158,6 +158,19 @@ def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn
     else:
         blocks_per_row = 1
         grid = (triton.cdiv(n, block),)
+    # Triton launches on the current device (its stream and context): tensors on another GPU get
+    # that device made current for the launch; the usual call, on the current device, skips the guard.
+    if out.is_cuda and out.device.index != torch.cuda.current_device():
+        with torch.cuda.device(out.device):
+            _launch_kernel(grid, op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, n, row_numel,
+                           blocks_per_row, mode, block, num_warps)
+        return
+    _launch_kernel(grid, op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, n, row_numel,
+                   blocks_per_row, mode, block, num_warps)
+
+
+def _launch_kernel(grid, op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, n, row_numel,
+                   blocks_per_row, mode, block, num_warps):
     # Unused pointer arguments get a valid tensor so the launch signature stays the same.
     dummy = out
     kernel = _guided_step_kernel if INTERPRET else torch.library.wrap_triton(_guided_step_kernel)
