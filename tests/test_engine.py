@@ -23,14 +23,13 @@ import ag_kernels
 from ag_kernels import GuidedSampler
 from ag_kernels.kernels import reference
 from ag_kernels.models.nets import TinyDenoiser
-from _util import rel_err
+from _util import cuda_only, rel_err
 
 LABEL_DIM = 5
 CHURN = dict(S_churn=30.0, S_min=0.05, S_max=50.0)
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device; none is available here")
-needs_two_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2,
-                                    reason="needs two CUDA devices (tensors on cuda:1 while cuda:0 is current)")
+needs_cuda = cuda_only("CUDA graphs need a CUDA device; none is available here")
+needs_two_gpus = cuda_only("needs two CUDA devices (tensors on cuda:1 while cuda:0 is current)", devices=2)
 
 
 def nets(device="cpu", out_dtype="float32"):
@@ -404,7 +403,7 @@ def test_bad_settings_and_calls_name_the_argument(gen):
 
 
 def test_compiled_networks_match_eager(gen):
-    """compile=True (inductor, freezing for modules in eval mode) on the CPU: within 1e-5 of eager."""
+    """compile=True (inductor) on the CPU: within 1e-5 of eager, and weights updated in place are seen."""
     net, gnet = nets()
     noise, labels = inputs(gen, 2)
     eager = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=False)(noise, labels)
@@ -412,6 +411,13 @@ def test_compiled_networks_match_eager(gen):
     out = engine(noise, labels)
     assert rel_err(out, eager) <= 1e-5
     assert engine._net_fn is not net
+    # Weights updated in place (an EMA, load_state_dict) are seen by the compiled networks: no freezing.
+    with torch.no_grad():
+        for p in gnet.parameters():
+            p.mul_(0.5)
+    updated = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=False)(noise, labels)
+    assert not torch.equal(updated, eager)
+    assert rel_err(engine(noise, labels), updated) <= 1e-5
 
 
 def test_generate_uses_one_engine(gen, tmp_path):
@@ -489,7 +495,9 @@ def test_cuda_overlap_eager_equals_sequential(gen):
 
 @needs_cuda
 def test_cuda_capture_failure_falls_back_once(gen):
-    """A network that synchronizes (reads a value to the host) cannot be captured: warned once, run eagerly."""
+    """A network that synchronizes (reads a value to the host) cannot be captured: warned once, run
+    eagerly with the churn noise already drawn (equal to an eager run of the same seeds); the caller's
+    stream is current again, the reason is the network's own error, and the capture's pool is given back."""
     net, gnet = nets("cuda")
 
     def syncing(x, t, labels):
@@ -498,25 +506,120 @@ def test_cuda_capture_failure_falls_back_once(gen):
         return net(x, t, labels)
 
     noise, labels = inputs(gen, 2, "cuda")
-    engine = GuidedSampler(syncing, gnet, num_steps=4, guidance=2.0, cuda_graph=True)
+    ref = ag_kernels.edm_sampler(syncing, noise, labels, gnet, num_steps=4, guidance=2.0, randn_like=seeded(3, "cuda"),
+                                 **CHURN)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved()
+    caller = torch.cuda.current_stream()
+    engine = GuidedSampler(syncing, gnet, num_steps=4, guidance=2.0, cuda_graph=True, **CHURN)
     with pytest.warns(UserWarning, match="capture failed"):
-        a = engine(noise, labels)
-    assert engine.last_mode == "eager"
+        a = engine(noise, labels, randn_like=seeded(3, "cuda"))
+    assert torch.cuda.current_stream() == caller, "the capture stream was left current"
+    assert not torch.cuda.is_current_stream_capturing()
+    assert engine.last_mode == "eager" and "previous error" not in engine.fallback_reason, engine.fallback_reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b = engine(noise, labels)
-    ref = ag_kernels.edm_sampler(syncing, noise, labels, gnet, num_steps=4, guidance=2.0)
+        b = engine(noise, labels, randn_like=seeded(3, "cuda"))
     assert torch.equal(a, ref) and torch.equal(b, ref)
+    del a, b
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() <= reserved, "the failed capture's memory pool was kept"
 
 
 @needs_cuda
 def test_cuda_graph_float32_agrees_with_reference(gen):
     net, gnet = nets("cuda")
     noise, labels = inputs(gen, 8, "cuda")
-    engine = GuidedSampler(net, gnet, num_steps=32, guidance=2.0, cuda_graph=True)
-    out = engine(noise, labels)
-    ref = reference.torch_edm_sampler(net, noise, labels, gnet, num_steps=32, guidance=2.0)
+    # TF32 convolutions/matmuls would make the two samplers' trajectories part far beyond 1e-5.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        engine = GuidedSampler(net, gnet, num_steps=32, guidance=2.0, cuda_graph=True)
+        out = engine(noise, labels)
+        ref = reference.torch_edm_sampler(net, noise, labels, gnet, num_steps=32, guidance=2.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert engine.last_mode == "graph", engine.fallback_reason
     assert rel_err(out, ref) <= 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
+def test_cuda_one_graph_serves_every_float_weight(backend, gen):
+    """A sweep over w replays one captured graph; each value's result is bitwise the eager run's."""
+    if backend not in ag_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend} is not available on CUDA here")
+    net, gnet = nets("cuda")
+    noise, labels = inputs(gen, 3, "cuda")
+    weights = {"w": 2.0}
+    engine = GuidedSampler(net, gnet, num_steps=5, backend=backend, cuda_graph=True, guidance=lambda s: weights["w"])
+    for w in (2.0, 0.3, 4.5):
+        weights["w"] = w
+        out = engine(noise, labels)
+        assert engine.last_mode == "graph", engine.fallback_reason
+        assert torch.equal(out, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=5, backend=backend, guidance=w))
+    assert len(engine._cache.entries) == 1
+
+
+@needs_cuda
+def test_cuda_graph_under_inference_mode_then_outside(gen):
+    net, gnet = nets("cuda")
+    noise, labels = inputs(gen, 2, "cuda")
+    engine = GuidedSampler(net, gnet, num_steps=4, guidance=2.0, cuda_graph=True, check_finite=True, **CHURN)
+    with torch.inference_mode():
+        a = engine(noise, labels, randn_like=seeded(1, "cuda"))
+    b = engine(noise, labels, randn_like=seeded(1, "cuda"))
+    assert engine.last_mode == "graph", engine.fallback_reason
+    assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_compiled_graph_sees_weights_updated_in_place(gen):
+    """compile=True inside a captured graph reads the parameters where they are: an in-place update is seen."""
+    net, gnet = nets("cuda")
+    noise, labels = inputs(gen, 2, "cuda")
+    engine = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=True, compile=True)
+    engine(noise, labels)
+    with torch.no_grad():
+        for p in gnet.parameters():
+            p.mul_(0.5)
+    out = engine(noise, labels)
+    assert engine.last_mode == "graph", engine.fallback_reason
+    eager = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=False)(noise, labels)
+    assert rel_err(out, eager) <= 1e-4  # inductor's fused kernels round differently from eager ones
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_cuda_tensors_on_a_device_that_is_not_current(backend, gen):
+    """Tensors on cuda:1 while cuda:0 is current: the step ops, the eager engine and graph capture,
+    warm-up and replay all run on cuda:1, with the results of a run where cuda:1 is current."""
+    if backend not in ag_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend} is not available on CUDA here")
+    net, gnet = nets("cuda:1")
+    noise, labels = inputs(gen, 2, "cuda:1")
+    kw = dict(num_steps=4, guidance=2.0, backend=backend, **CHURN)
+    with torch.cuda.device(1):
+        ref = GuidedSampler(net, gnet, cuda_graph=False, **kw)(noise, labels, randn_like=seeded(2, "cuda:1"))
+        ref_graph = GuidedSampler(net, gnet, cuda_graph=True, **kw)(noise, labels, randn_like=seeded(2, "cuda:1"))
+    torch.cuda.synchronize(1)
+    with torch.cuda.device(0):
+        eager = GuidedSampler(net, gnet, cuda_graph=False, **kw)(noise, labels, randn_like=seeded(2, "cuda:1"))
+        engine = GuidedSampler(net, gnet, cuda_graph=True, **kw)
+        graph = engine(noise, labels, randn_like=seeded(2, "cuda:1"))
+        again = engine(noise, labels, randn_like=seeded(2, "cuda:1"))
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(1)
+    assert engine.last_mode == "graph", engine.fallback_reason
+    assert torch.equal(eager, ref) and torch.equal(graph, ref_graph) and torch.equal(again, ref_graph)
+    x = torch.randn(3, 4099, device="cuda:1")
+    with torch.cuda.device(0):
+        out = ag_kernels.euler_step(x, 0.9 * x, 0.8 * x, 2.1, 1.25, 0.9, backend=backend)
+    assert out.device == x.device
+    cpu = x.cpu()
+    assert rel_err(out, ag_kernels.euler_step(cpu, 0.9 * cpu, 0.8 * cpu, 2.1, 1.25, 0.9, backend="torch")) <= 2e-6
 
 
 @pytest.mark.parametrize("emulate", [False, True], ids=["eager", "graph"])

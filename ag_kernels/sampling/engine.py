@@ -16,8 +16,10 @@ built on it, and adds what pays off when the same networks sample many batches o
   network, and neither fills an H100 at small batches).
 * One batched call for CFG with one network for both roles (``gnet is net``): the main and the
   guide inputs are concatenated into one batch (labels, then ``guide_labels``).
-* Optional ``torch.compile`` of the networks (inductor with freezing, which folds per-forward
-  weight arithmetic such as EDM2's weight normalization into constants).
+* Optional ``torch.compile`` of the networks (inductor, static shapes).  Not frozen: the
+  parameters stay inputs of the compiled code, so weights updated in place are seen (inductor's
+  freezing would fold them, EDM2's weight normalization included, into constants at the first
+  compile and silently ignore later updates).
 
 Everything that holds for the whole run is decided once, per batch shape: the schedule, the
 churned steps and their coefficients, the noise level of every network evaluation and the
@@ -90,8 +92,9 @@ class GuidedSampler:
         batch_guide: evaluate both roles as one call on the concatenated batch: True, False, or
             "auto" (default: when ``gnet is net``).  Needs networks whose output for a sample
             does not depend on the rest of the batch.
-        compile: ``torch.compile`` the networks (inductor, static shapes, freezing for modules
-            in eval mode), compiled on first use per shape.  Off by default.
+        compile: ``torch.compile`` the networks (inductor, static shapes), compiled on first use
+            per shape.  Parameters are not frozen: in-place weight updates are seen, as in eager
+            runs and graphs.  Off by default.
         max_graphs: how many captured graphs to keep (each holds its own memory pool).
         check_finite: after every step, note on the device whether the samples are still finite
             (two small kernels a step, no synchronization); at the end of the run raise
@@ -382,8 +385,5 @@ class GuidedSampler:
 
 
 def _compiled(net):
-    """torch.compile of a network: static shapes; inductor freezing for an nn.Module in eval mode."""
-    options = None
-    if isinstance(net, torch.nn.Module) and not net.training:
-        options = {"freezing": True}
-    return torch.compile(net, dynamic=False, options=options)
+    """torch.compile of a network: static shapes, parameters read at every call (no freezing)."""
+    return torch.compile(net, dynamic=False)
