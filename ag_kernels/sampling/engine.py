@@ -80,9 +80,10 @@ class GuidedSampler:
 
     Args beyond edm_sampler's:
         cuda_graph: True, False or "auto" (default: graphs when the noise is on a CUDA device).
-            With graphs, the first call of each batch shape (and labels and per-sample-weight
-            layout) runs the whole sampler once eagerly as a warm-up, captures it into a CUDA
-            graph and replays it; later calls of that shape only refill the static inputs and
+            With graphs, the first call of each batch shape (and labels layout, and where
+            guidance applies and how its weights alias) runs the whole sampler once eagerly as a
+            warm-up, captures it into a CUDA graph and replays it; later calls of that shape only
+            refill the static inputs (weights included: one graph serves every value of w) and
             replay.  At most ``max_graphs`` graphs are kept (least recently used dropped).
             Where graphs cannot be used the engine warns once why (True) or silently (auto) and
             runs eagerly.  The networks' parameters are read where they are at capture time:
