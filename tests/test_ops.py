@@ -264,7 +264,7 @@ def test_64bit_offsets_cuda():
     free, _ = torch.cuda.mem_get_info()
     if free < 20 * 2**30:
         pytest.skip(f"needs 20 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
-    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(torch.initial_seed() % 2**31)  # the test's seed
     x = torch.randn(n, device="cuda", generator=gen)
     d_main = torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16)
     d_guide = torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16)

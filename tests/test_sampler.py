@@ -2,8 +2,8 @@
 
 The oracle is ``tests/edm_standin/generate_images.py``: our own plain eager transcription of the
 EDM Heun sampler with the guided denoiser, with the reference's exact signature.  The networks
-are small class-conditional TinyDenoisers (float32 outputs); every run draws fresh noise from
-the ``gen`` fixture (AG_TEST_SEED=N repeats one), and churned runs give both samplers their own
+are small class-conditional TinyDenoisers (float32 outputs); every run draws its noise from
+the ``gen`` fixture (seed 0 by default; AG_TEST_SEED explores others), and churned runs give both samplers their own
 generator with one seed, so both draw the same churn noise.
 
 Tolerance: max|ours - ref| / max|ref| <= 1e-5.  One exception, measured and explained in
