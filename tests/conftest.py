@@ -20,12 +20,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
 import random  # noqa: E402
 import secrets  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 DEFAULT_SEED = 0
+#: Top-level modules of an EDM2 checkout (the real one, tests/edm_standin, or one a test writes) and of
+#: the VAE library that its latent encoder imports: each test starts without the checkout's and ends
+#: with sys.modules as it found them, so no test sees another's checkout, whatever ran before.
+CHECKOUT_MODULES = ("dnnlib", "torch_utils", "training", "generate_images")
+RESTORED_MODULES = CHECKOUT_MODULES + ("diffusers",)
 
 
 def _seeds(spec):
@@ -86,3 +93,23 @@ def gen(_seed):
     """A CPU generator seeded with this test's seed (printed: ``AG_TEST_SEED=N`` repeats it)."""
     print(f"AG_TEST_SEED={_seed}")
     return torch.Generator().manual_seed(_seed)
+
+
+def _top(name):
+    return name.split(".", 1)[0]
+
+
+@pytest.fixture(autouse=True)
+def _isolate_checkouts():
+    """Each test sees no checkout's modules at its start; sys.path and those modules are restored after it."""
+    path = list(sys.path)
+    saved = {n: m for n, m in sys.modules.items() if _top(n) in RESTORED_MODULES}
+    for name in saved:
+        if _top(name) in CHECKOUT_MODULES:
+            del sys.modules[name]
+    yield
+    sys.path[:] = path
+    for name in [n for n in sys.modules if _top(n) in RESTORED_MODULES]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+    importlib.invalidate_caches()
