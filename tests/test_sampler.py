@@ -193,7 +193,7 @@ def _light_cases():
     for backend in BACKENDS:
         for n in (7, 32) if backend != "triton" else (7,):
             for dtype in (torch.float32, torch.float64):
-                yield pytest.param(backend, n, dtype, id=f"{backend}-{n}-{str(dtype)[-2:]}")
+                yield pytest.param(backend, n, dtype, id=f"{backend}-{n}-f{str(dtype)[-2:]}")
 
 
 @pytest.mark.parametrize("backend,num_steps,dtype", list(_light_cases()))
