@@ -47,6 +47,11 @@ def test_matches_oracle(op, backend, device, shape, x_dtype, d_dtype, gen):
         _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_out=i % 2 == 1)
 
 
+# In Triton's CPU interpreter the 1-D shape of 10^6 elements (thousands of programs, one code path for
+# every op) runs for one op and dtype only: it cost about as much as the rest of this grid.
+INTERPRETED_LARGE_1D = ("heun_step", torch.bfloat16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
@@ -55,6 +60,9 @@ def test_matches_oracle(op, backend, device, shape, x_dtype, d_dtype, gen):
 def test_large_matches_oracle(op, backend, device, shape, d_dtype, gen):
     """Many programs per launch, tiled per-sample rows with a partial last block, 1-D gathers."""
     require(backend, device)
+    if backend == "triton" and device == "cpu" and len(shape) == 1 and (op, d_dtype) != INTERPRETED_LARGE_1D:
+        pytest.skip(f"Triton interpreter: the 10^6-element 1-D case runs for {INTERPRETED_LARGE_1D[0]} "
+                    f"with {INTERPRETED_LARGE_1D[1]} only (the same kernel path for every op)")
     for mode in ("scalar", "per_sample"):
         # strict: the issue's metric, max|out - oracle| / max|oracle|, on large tensors.
         _check(op, backend, device, shape, torch.float32, d_dtype, mode, "guided", gen, use_out=True, strict=True)
