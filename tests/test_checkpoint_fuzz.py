@@ -2,7 +2,7 @@
 loads, for damage that keeps the format valid), nothing in a file is ever executed, and no file
 makes the loader allocate far beyond its own size.
 
-A seeded corpus of >= 1000 files (a fresh seed each run; AG_TEST_SEED=N repeats one):
+A seeded corpus of >= 1000 files (seed 0 by default; AG_TEST_SEED explores others):
 truncations, bit flips, overwritten byte ranges and appended garbage of valid checkpoints (our
 format, two architectures, and TorchScript) and of a malicious pickle; random bytes, text and
 empty files; and well-formed torch.save files with wrong field types, unknown architectures,

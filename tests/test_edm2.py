@@ -4,8 +4,10 @@ reference's batch split and file layout.
 No EDM2 code is used: a stand-in checkout is written to a temporary folder (``dnnlib``,
 ``torch_utils``, ``training`` with a small preconditioned network and two encoders of our own),
 snapshots are pickled from its classes, and a fake ``diffusers`` stands in for the VAE of
-latent models.  The stand-in modules are removed from ``sys.modules`` and ``sys.path`` after
-each test, so that a test without ``--edm2`` really cannot import them.
+latent models (in place of an installed one).  conftest.py hides any checkout's modules before
+each test and restores ``sys.modules`` and ``sys.path`` after it, so that a test without
+``--edm2`` really cannot import them and no test sees another's checkout (tests/test_edm2_real.py
+runs the real NVlabs/edm2 when AG_EDM2_PATH names a checkout).
 """
 
 from __future__ import annotations
@@ -107,19 +109,8 @@ LABELS = 4
 
 
 @pytest.fixture
-def clean_imports():
-    """Restore sys.path and forget the stand-in's modules after the test."""
-    path = list(sys.path)
-    yield
-    sys.path[:] = path
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("dnnlib", "torch_utils", "training", "diffusers"):
-            del sys.modules[name]
-    importlib.invalidate_caches()
-
-
-@pytest.fixture
-def checkout(tmp_path, clean_imports):
+def checkout(tmp_path):
+    # conftest.py's _isolate_checkouts restores sys.path and sys.modules (checkout and diffusers) after each test.
     root = tmp_path / "edm2"
     for rel, text in STANDIN_FILES.items():
         f = root / rel
@@ -152,10 +143,13 @@ def _snapshots(checkout, tmp_path, *, latent=False, vae_name="stand-in/vae"):
 
 
 def _fake_diffusers(tmp_path):
+    """A fake ``diffusers`` first on sys.path, in place of any installed one (restored after the test)."""
     d = tmp_path / "fake_site"
     d.mkdir(exist_ok=True)
     (d / "diffusers.py").write_text(FAKE_DIFFUSERS)
     sys.path.insert(0, str(d))
+    for name in [n for n in sys.modules if n.split(".")[0] == "diffusers"]:
+        del sys.modules[name]
     importlib.invalidate_caches()
 
 
@@ -341,8 +335,10 @@ def test_latent_snapshot_is_decoded_by_its_encoder(tmp_path, checkout):
         assert np.array_equal(files[f"{seed:06d}.png"], image.permute(1, 2, 0).numpy())
 
 
-def test_latent_snapshot_without_diffusers_or_weights_writes_nothing(tmp_path, checkout, capsys):
+def test_latent_snapshot_without_diffusers_or_weights_writes_nothing(tmp_path, checkout, capsys, monkeypatch):
     net_pkl, gnet_pkl = _snapshots(checkout, tmp_path, latent=True)
+    # As if diffusers were not installed, whether it is or not (None in sys.modules: not importable).
+    monkeypatch.setitem(sys.modules, "diffusers", None)
     out = tmp_path / "out"
     args = ["--net", net_pkl, "--seeds", "0-1", "--steps", "2", "--outdir", out, "--edm2", checkout, "--allow-pickle"]
     assert _cli(*args) == 2
@@ -351,6 +347,7 @@ def test_latent_snapshot_without_diffusers_or_weights_writes_nothing(tmp_path, c
     assert not out.exists()
     (tmp_path / "m").mkdir()
     missing_pkl, _ = _snapshots(checkout, tmp_path / "m", latent=True, vae_name="no/such-vae")
+    monkeypatch.delitem(sys.modules, "diffusers")
     _fake_diffusers(tmp_path)
     assert _cli("--net", missing_pkl, "--seeds", "0-1", "--steps", "2", "--outdir", out, "--edm2", checkout,
                 "--allow-pickle") == 2

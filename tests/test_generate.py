@@ -1,7 +1,6 @@
 """SeedNoise, parse_seeds and generate: per-seed reproducible sampling, PNG output, sharding over processes."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -461,12 +460,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_generate_two_processes_match_one(tmp_path, gen):
     dist = torch.distributed
     if not dist.is_available() or not dist.is_gloo_available():
@@ -479,8 +472,8 @@ def test_generate_two_processes_match_one(tmp_path, gen):
     env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    # --standalone: torchrun picks a free port itself (a rendezvous at localhost:0), nothing to race for.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--standalone",
            str(script), str(tmp_path), str(wseed), ",".join(map(str, seeds))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -47,6 +47,11 @@ def test_matches_oracle(op, backend, device, shape, x_dtype, d_dtype, gen):
         _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_out=i % 2 == 1)
 
 
+# In Triton's CPU interpreter the 1-D shape of 10^6 elements (thousands of programs, one code path for
+# every op) runs for one op and dtype only: it cost about as much as the rest of this grid.
+INTERPRETED_LARGE_1D = ("heun_step", torch.bfloat16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
@@ -55,6 +60,9 @@ def test_matches_oracle(op, backend, device, shape, x_dtype, d_dtype, gen):
 def test_large_matches_oracle(op, backend, device, shape, d_dtype, gen):
     """Many programs per launch, tiled per-sample rows with a partial last block, 1-D gathers."""
     require(backend, device)
+    if backend == "triton" and device == "cpu" and len(shape) == 1 and (op, d_dtype) != INTERPRETED_LARGE_1D:
+        pytest.skip(f"Triton interpreter: the 10^6-element 1-D case runs for {INTERPRETED_LARGE_1D[0]} "
+                    f"with {INTERPRETED_LARGE_1D[1]} only (the same kernel path for every op)")
     for mode in ("scalar", "per_sample"):
         # strict: the issue's metric, max|out - oracle| / max|oracle|, on large tensors.
         _check(op, backend, device, shape, torch.float32, d_dtype, mode, "guided", gen, use_out=True, strict=True)
@@ -266,7 +274,7 @@ def test_64bit_offsets_cuda():
     free, _ = torch.cuda.mem_get_info()
     if free < 20 * 2**30:
         pytest.skip(f"needs 20 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
-    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(torch.initial_seed() % 2**31)  # the test's seed
     x = torch.randn(n, device="cuda", generator=gen)
     d_main = torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16)
     d_guide = torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16)

@@ -3,8 +3,8 @@
 The oracle for exactness is a plain all-pairs computation (torch.cdist without the matrix-product
 shortcut, float64, then sort); the chunked/pruned implementation must agree with it exactly for the
 P/R fractions and to float64 rounding for the radii, for block sizes much smaller than N.  The
-behavioural tests (same / shifted / collapsed / overdispersed Gaussian clouds) draw fresh samples
-from the ``gen`` fixture each run (AG_TEST_SEED=N repeats one); thresholds have wide margins over
+behavioural tests (same / shifted / collapsed / overdispersed Gaussian clouds) draw samples
+from the ``gen`` fixture (seed 0 by default; AG_TEST_SEED explores others, see conftest.py); thresholds have wide margins over
 the values measured on many seeds (noted next to each).
 """
 

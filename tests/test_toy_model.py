@@ -149,16 +149,19 @@ def test_power_ema_weights_match_the_closed_form(gen):
 
 def test_denoising_score_matching_and_snapshots(gen):
     """target_denoiser=None trains on the clean samples (denoising score matching); on_step sees
-    the EMA after every step, and a snapshot at t equals a run of t iterations."""
+    the EMA after every step, and a snapshot at t equals a run of t iterations.
+
+    80 iterations: after 40, err / err0 was 0.48-0.83 over 26 seeds (5 above 0.7); after 80, 0.40-0.56 over 41.
+    """
     seed = int(torch.randint(1000, (), generator=gen))
     snaps = {}
-    long = train(ToyDenoiser(hidden=8, layers=2, seed=seed), None, sample_data, iterations=40, batch_size=256,
+    long = train(ToyDenoiser(hidden=8, layers=2, seed=seed), None, sample_data, iterations=80, batch_size=256,
                  seed=seed, on_step=lambda t, ema: snaps.__setitem__(t, [p.clone() for p in ema.parameters()]))
-    assert sorted(snaps) == list(range(1, 41))
+    assert sorted(snaps) == list(range(1, 81))
     short = train(ToyDenoiser(hidden=8, layers=2, seed=seed), None, sample_data, iterations=25, batch_size=256, seed=seed)
     for a, b in zip(short.parameters(), snaps[25]):
         assert torch.equal(a, b)
-    for a, b in zip(long.parameters(), snaps[40]):
+    for a, b in zip(long.parameters(), snaps[80]):
         assert torch.equal(a, b)
     x = sample_data(2000, gen) + 0.3 * torch.randn(2000, 2, generator=gen, dtype=torch.float64)
     sigma = torch.full((2000,), 0.3, dtype=torch.float64)

@@ -19,6 +19,7 @@ import torch
 
 from ag_kernels.sampling import generation
 from ag_kernels.commands import verify_generate as vg
+from ag_kernels.commands._checkout import ReferenceSamplerError
 from ag_kernels.models.edm2 import use_checkout
 from ag_kernels.sampling.seeds import SeedNoise
 from ag_kernels.commands.verify import main
@@ -197,3 +198,13 @@ def test_keep_must_be_new_or_empty(tmp_path, capsys):
     (tmp_path / "x").write_text("")
     assert main(["--edm2", str(STANDIN), "--generate", "--keep", str(tmp_path)]) == 2
     assert "--keep" in capsys.readouterr().err
+
+
+def test_build_snapshots_refuses_a_keyword_the_checkout_does_not_take(tmp_path, monkeypatch):
+    """The stand-in's Precond refuses unknown keywords as EDM2's does: a misspelled one in MAIN_NET fails here."""
+    use_checkout(STANDIN.resolve())
+    paths = vg.build_snapshots(tmp_path / "ok")  # today's keywords are all EDM2's
+    assert sorted(paths) == ["gnet", "net", "net_noenc"]
+    monkeypatch.setattr(vg, "MAIN_NET", dict(vg.MAIN_NET, channels_per_heads=32))
+    with pytest.raises(ReferenceSamplerError, match="channels_per_heads"):
+        vg.build_snapshots(tmp_path / "bad")

@@ -1,7 +1,7 @@
 """Stand-in for edm2's ``training.networks_edm2`` (tests only; our own small network, no edm2 code).
 
-``Precond`` takes the constructor arguments ``ag_kernels.commands.verify_generate.build_snapshots`` passes
-(those of EDM2's Precond and U-Net), has EDM2's attributes (img_resolution, img_channels,
+``Precond`` takes the constructor keywords EDM2's Precond takes (its own, its U-Net's and the blocks'
+that a caller may set) and refuses any other, as the real one does, has EDM2's attributes (img_resolution, img_channels,
 label_dim) and call convention ``net(x, sigma, class_labels)``, and, like EDM2's networks, zero
 scalar gains at initialization and random weights from the global generator.  It works from
 float16 weights (EDM2 snapshots are saved in float16).
@@ -16,11 +16,15 @@ from torch_utils import persistence
 
 @persistence.persistent_class
 class Precond(torch.nn.Module):
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, model_channels=16,
-                 channel_mult=(1,), num_blocks=1, attn_resolutions=(), **block_kwargs):
+    # The keywords EDM2's Precond accepts (its own, its U-Net's and the U-Net's blocks'); like the real
+    # one, any other keyword raises TypeError, so a wrong name in build_snapshots fails here too.
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=128,
+                 model_channels=16, channel_mult=(1,), channel_mult_noise=None, channel_mult_emb=None, num_blocks=1,
+                 attn_resolutions=(), label_balance=0.5, concat_balance=0.5, resample_filter=(1, 1),
+                 channels_per_head=64, dropout=0, res_balance=0.3, attn_balance=0.3, clip_act=256):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.sigma_data = sigma_data
+        self.use_fp16, self.sigma_data = use_fp16, sigma_data
         width = model_channels * max(channel_mult)
         self.conv_in = torch.nn.Parameter(torch.randn(width, img_channels, 3, 3))
         self.noise_emb = torch.nn.Parameter(torch.randn(width))
