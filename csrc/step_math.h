@@ -98,7 +98,7 @@ struct Multistep {
 template <typename T>
 struct MultistepConstants {
   T a, b0, b1, b2;
-  explicit MultistepConstants(const Multistep& m)
+  C10_HOST_DEVICE explicit MultistepConstants(const Multistep& m)
       : a(static_cast<T>(m.a)), b0(static_cast<T>(m.b0)), b1(static_cast<T>(m.b1)), b2(static_cast<T>(m.b2)) {}
 };
 

@@ -172,15 +172,19 @@ def _block_config(device: torch.device):
     return 2048, 8
 
 
-def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
-    n = out.numel()
-    if n == 0:
-        return
+def _geometry(out, any_vec):
+    """(elements, BLOCK, num_warps, rows with their own coefficients) of a launch writing ``out``."""
     if not out.is_cuda and not INTERPRET:
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     block, num_warps = _block_config(out.device)
+    return out.numel(), block, num_warps, out.shape[0] if (any_vec and out.dim() > 0) else 1
+
+
+def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+    if out.numel() == 0:
+        return
     any_vec = g_vec is not None or s_vec is not None or sn_vec is not None
-    rows = out.shape[0] if (any_vec and out.dim() > 0) else 1
+    n, block, num_warps, rows = _geometry(out, any_vec)
     row_numel = n // rows
     if not any_vec:
         mode = ROWS_NONE
@@ -265,13 +269,9 @@ def triton_multistep_step(
     write: int,
 ) -> None:
     """out = a x + b0 D_w + b1 history[read1] + b2 history[read2]; history[write] = D_w (slot -1: none)."""
-    n = out.numel()
-    if n == 0:
+    if out.numel() == 0:
         return
-    if not out.is_cuda and not INTERPRET:
-        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-    block, num_warps = _block_config(out.device)
-    rows = out.shape[0] if (g_vec is not None and out.dim() > 0) else 1
+    n, block, num_warps, rows = _geometry(out, g_vec is not None)
     kernel = _multistep_kernel if INTERPRET else torch.library.wrap_triton(_multistep_kernel)
     kernel[(triton.cdiv(n, block),)](
         out, history, x, d_main, d_guide if d_guide is not None else out,

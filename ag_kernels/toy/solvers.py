@@ -77,7 +77,7 @@ def study(models, *, n: int = 8192, seed: int = 0, solvers: Sequence[str] = SOLV
                    "rel_distance": rel_distance(x, converged), "seconds": seconds}
             rows.append(row)
             if log:
-                log(_fmt(row))
+                log(_fmt(row), flush=True)
     out = {"n": n, "seed": seed, "converged_steps": CONVERGED_STEPS, "weights": METHODS,
            "unguided_heun_63": {k: v for k, v in unguided.items() if k != "mass_by_depth"}, "rows": rows,
            "seconds": time.perf_counter() - start}
@@ -126,6 +126,22 @@ def goals(result) -> Dict[str, Dict[str, object]]:
         "multistep_closer_than_heun_8_to_24": (all(closer), "all budgets", all(closer)),
     }
     return {k: {"value": v, "target": t, "met": bool(ok)} for k, (v, t, ok) in table.items()}
+
+
+def markdown(result) -> str:
+    """The rows as Markdown tables (one per method), as the README shows them."""
+    lines = []
+    for method in METHODS:
+        rows = [r for r in result["rows"] if r["method"] == method]
+        lines += [f"{method} (w = {METHODS[method]:g}):", "",
+                  "| solver | evals | outliers | gross | precision | recall | distance to Heun-256 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["budget"] is None, r["budget"] or 0, SOLVERS.index(r["solver"]))):
+            label = "heun (reference, 32 steps)" if r["budget"] is None else r["solver"]
+            lines.append(f"| {label} | {r['evals']} | {r['outlier_frac']:.4f} | {r['gross_outlier_frac']:.4f} | "
+                         f"{r['precision']:.3f} | {r['recall']:.3f} | {r['rel_distance']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(result, path) -> Path:
