@@ -2,9 +2,15 @@
 
 One place for the test tensors, the timed call, the eager formula into preallocated buffers and
 ``torch.compile`` of the formula, so both files time exactly the same cases.
+
+On a GPU the step ops are timed by :func:`run_rotating`: many launches between two CUDA events
+(no synchronize per launch, which would time launch latency), cycling through enough sets of
+buffers that one launch does not find the previous launch's data in L2.
 """
 
+import math
 import os
+import statistics
 import time
 
 import pytest
@@ -84,6 +90,79 @@ def data(device, n, d_dtype):
     return _DATA[key]
 
 
+#: Below this many elements a GPU step op takes a few microseconds: launch latency, not memory
+#: bandwidth, sets its time, and the report labels such rows latency-bound.
+LATENCY_BOUND_N = 2**22
+#: Per timed round on a GPU: at least this many launches, and every buffer set at least twice.
+GPU_LAUNCHES = 64
+#: Timed rounds per GPU case (each a block of launches between two events), after one warm-up round.
+GPU_ROUNDS = 10
+
+
+def _l2_bytes() -> int:
+    # The device's L2 (50 MB on an H100, 60 MB on an H200); 64 MB if torch does not say.
+    return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 64 << 20)
+
+
+def _set_bytes(t) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values())
+
+
+def rotation(device, n, d_dtype) -> list:
+    """Buffer sets for one configuration: one on a CPU; on a GPU as many as make up at least four
+    times the L2 (at least two, at most 512), so each launch reads its operands from memory."""
+    first = data(device, n, d_dtype)
+    if device != "cuda":
+        return [first]
+    count = min(512, max(2, math.ceil(4 * _l2_bytes() / _set_bytes(first))))
+    key = (device, n, d_dtype, "rotation")
+    if _DATA.get(key) is None or len(_DATA[key]) != count:
+        sets = [first]
+        for i in range(1, count):
+            # Same values in fresh memory: every set computes the same result.
+            sets.append({k: v.clone() for k, v in first.items()})
+        _DATA[key] = sets
+    return _DATA[key]
+
+
+def run_rotating(benchmark, device, make_fn, sets, nbytes, **info):
+    """Time ``make_fn(t)`` (a call on buffer set t): on a CPU as :func:`run`; on a GPU by CUDA events.
+
+    On a GPU each round is ``GPU_LAUNCHES`` or more launches cycling through ``sets``, between two
+    events recorded on the stream and read after one synchronize; the per-launch time of each
+    round goes into ``extra_info["event_times_s"]`` and their median into ``event_median_s`` (what
+    bench/report.py reports); pytest-benchmark's own median is the wall time of a whole round.
+    """
+    if device != "cuda":
+        run(benchmark, device, make_fn(sets[0]), nbytes, **info)
+        return
+    fns = [make_fn(t) for t in sets]
+    start = time.perf_counter()
+    fns[0]()
+    torch.cuda.synchronize()
+    if info.get("case") == "compile":
+        info["compile_s"] = time.perf_counter() - start  # the first call compiles
+    launches = max(GPU_LAUNCHES, 2 * len(fns))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+
+    def block():
+        begin.record()
+        for i in range(launches):
+            fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) * 1e-3 / launches)
+
+    block()  # warm-up: Triton compiles, allocator, first touch of every set
+    samples.clear()
+    benchmark.extra_info.update(bytes=nbytes, device=device, timing="cuda-events", launches_per_round=launches,
+                                buffer_sets=len(fns), rotating_bytes=len(fns) * _set_bytes(sets[0]),
+                                latency_bound=info["n"] < LATENCY_BOUND_N if "n" in info else None, **info)
+    benchmark.pedantic(block, rounds=GPU_ROUNDS, iterations=1)
+    benchmark.extra_info.update(event_times_s=list(samples), event_median_s=statistics.median(samples))
+
+
 def setup(benchmark, prefix, op, device, n, d_dtype):
     """The tensors of one configuration; sets the benchmark group (``prefix`` + op, device, n, dtype)."""
     dname = dtype_name(d_dtype)
@@ -130,11 +209,18 @@ def eager_fn(op, t):
     return _formula_call(op, t, reference.torch_euler_step if op == "euler_step" else reference.torch_heun_step)
 
 
-def compiled_fn(op, t):
-    """``torch.compile`` (inductor, static shapes) of the eager formula; its first call compiles."""
+def compiled_fn(op, t, compiled=None):
+    """``torch.compile`` (inductor, static shapes) of the eager formula; its first call compiles.
+
+    ``compiled`` (from :func:`compiled_formula`) shares one compiled function between buffer sets.
+    """
+    return _formula_call(op, t, compiled if compiled is not None else compiled_formula(op))
+
+
+def compiled_formula(op):
     formula = reference.torch_euler_step if op == "euler_step" else reference.torch_heun_step
     # A fresh wrapper per configuration, so every compile is timed from scratch.
-    return _formula_call(op, t, torch.compile(lambda *args: formula(*args), dynamic=False, fullgraph=True))
+    return torch.compile(lambda *args: formula(*args), dynamic=False, fullgraph=True)
 
 
 def _formula_call(op, t, formula):

@@ -7,6 +7,7 @@ benchmarked: it is a checking aid, not a backend for speed.
 """
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -42,6 +43,10 @@ def device_slug(device: str) -> str:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["ag_kernels"] = _ag_info()
+
+
+def _ag_info() -> dict:
     try:
         import triton
 
@@ -54,7 +59,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         cpu_isa = _C._cpu_isa()
     except Exception:  # pragma: no cover - extension missing
         cpu_isa = None
-    machine_info["ag_kernels"] = {
+    return {
         "torch": torch.__version__,
         "triton": triton_version,
         "cpu": device_name("cpu"),
@@ -81,12 +86,35 @@ def pytest_collection_modifyitems(config, items):
 _SKIPPED = []
 
 
+def _append_row(record: dict) -> None:
+    path = os.environ.get("AG_BENCH_ROWS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("AG_BENCH_ROWS"):
+        _append_row({"machine_info": {"ag_kernels": _ag_info()}})
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """With $AG_BENCH_ROWS set, append each finished benchmark as one JSON line and flush it, so a
+    run killed at a time limit (bench/gpu_session.sh) still leaves the rows that finished; python -m
+    bench summarizes them (bench/report.py --rows) when pytest-benchmark's JSON was never written."""
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    if os.environ.get("AG_BENCH_ROWS") and fixture is not None and getattr(fixture, "stats", None) is not None:
+        _append_row({"benchmark": fixture.stats.as_dict(include_data=False)})
+
+
 def pytest_runtest_logreport(report):
     """Remember skipped cases and why, for the report (pytest-benchmark's JSON lists only cases that ran)."""
     if report.skipped and report.when in ("setup", "call"):
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
         _SKIPPED.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+        _append_row({"skipped": _SKIPPED[-1]})
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -1,67 +1,223 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU owes, in stages that each fit one device call (10 min):
+# Everything a lent GPU is for, in ONE call of at most 8 minutes (480 s of stage limits):
 #
-#   bash bench/gpu_session.sh build      # the CUDA extension, in place (~1-2 min)
-#   bash bench/gpu_session.sh test       # the whole test suite on the GPU machine (CUDA tests included)
-#   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck over the CUDA kernel and engine tests
-#   bash bench/gpu_session.sh bench      # python -m bench --gpu: all GPU figures (< 8 min on an H100)
-#   bash bench/gpu_session.sh all        # build + test + sanitize (then run bench in a second call)
+#   bash bench/gpu_session.sh             # the five stages below, in priority order
+#   bash bench/gpu_session.sh --dry-run   # print the stages and their limits, check the plumbing, run nothing
 #
-# Logs and results go under $OUT (the device tool's folder; default ./gpu_out).  A stage after
-# `build` in a later call rebuilds first when the machine is fresh (the extension is missing).
-# Then commit $OUT/results/* as bench/results/<gpu-slug>/ and say which checks passed.
+#   1 env         GPU name, driver, torch, triton, nvcc, compute-sanitizer
+#   2 build       the extension in place with its CUDA part (a failure is logged; the rest runs on Triton)
+#   3 cuda_tests  python -m pytest tests -m cuda (only the CUDA tests: CI runs the CPU ones)
+#   4 bench       python -m bench --gpu (about 4 minutes) -> $OUT/bench/results/<gpu-slug>/
+#   5 memcheck    compute-sanitizer memcheck on the kernel tests, with the time left
+#
+# Each stage runs under its own `timeout` and writes its log under $OUT as it goes ($OUT is the
+# device tool's folder; default ./gpu_out): what a stage stopped at its limit had finished is kept
+# (test lines, bench rows), and $OUT/session.tsv gets one row per stage (limit, seconds, exit status).
+# Then commit $OUT/bench/results/<gpu-slug>/ as bench/results/<gpu-slug>/ and say which checks passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
+REPO="$PWD"
+SCRIPT="$REPO/bench/gpu_session.sh"
+OUT="${OUT:-$REPO/gpu_out}"
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 
-have_ext() {
-    "$PY" -c "import ag_kernels, sys; sys.exit(0 if 'ext' in ag_kernels.available_backends('cuda') else 1)" 2>/dev/null
+#: The device budget of one call: the stage limits below sum to at most this.
+BUDGET=480
+#: Stages in priority order: name, limit in seconds ("rest": what the earlier stages left, at least MEMCHECK_MIN).
+STAGES=(env:15 build:120 cuda_tests:90 bench:225 memcheck:rest)
+MEMCHECK_MIN=30
+#: CUDA test files, most telling first (the engine's graph paths have never run on a GPU).
+CUDA_TEST_FILES=(tests/test_engine.py tests/test_ext.py tests/test_registration.py tests/test_ops.py
+                 tests/test_fast_path.py tests/test_generate.py)
+#: Memcheck: the kernel tests only (graph capture needs the caching allocator, which memcheck runs without),
+#: not the 2^31-element test or the large sizes (minutes under the sanitizer).
+MEMCHECK_FILES=(tests/test_ext.py tests/test_ops.py)
+MEMCHECK_DESELECT="not graph_capture and not 64bit and not large"
+
+describe() {
+    case "$1" in
+        env) echo "GPU name, driver, torch, triton, nvcc, compute-sanitizer -> env.txt" ;;
+        build) echo "AG_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} $PY setup.py build_ext --inplace; on failure go on with Triton" ;;
+        cuda_tests) echo "$PY -m pytest -m cuda ${CUDA_TEST_FILES[*]} -v (log line by line, cuda_tests.xml)" ;;
+        bench) echo "$PY -m bench --gpu --out-dir \$OUT/bench/results/<gpu-slug> (rows.jsonl row by row; summarized if stopped)" ;;
+        memcheck) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --report-api-errors no on ${MEMCHECK_FILES[*]} -m cuda -k '$MEMCHECK_DESELECT'" ;;
+    esac
 }
 
-build() {
-    echo "== build: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-    # --no-deps: keep the machine's own CUDA torch; sm_90 is Hopper (H100/H200).
-    AG_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
-        "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee "$OUT/build.log" | tail -5
+cuda_home() {
+    "$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null
+}
+
+find_tool() {  # a CUDA tool on PATH, else in $CUDA_HOME/bin, else in /usr/local/cuda/bin
+    local tool=$1 home
+    command -v "$tool" 2>/dev/null && return 0
+    home="${CUDA_HOME:-$(cuda_home)}"
+    for dir in "$home/bin" /usr/local/cuda/bin; do
+        [ -n "$dir" ] && [ -x "$dir/$tool" ] && { echo "$dir/$tool"; return 0; }
+    done
+    return 1
+}
+
+gpu_slug() {
+    "$PY" -c "from bench.conftest import device_slug; print(device_slug('cuda'))"
+}
+
+# ----------------------------------------------------------------------------- the stages (run as children)
+
+stage_env() {
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || echo "nvidia-smi failed"
+        "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version(), "| devices", torch.cuda.device_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu 0:", p.name, f"{p.total_memory / 2**30:.0f} GiB", "L2", getattr(p, "L2_cache_size", "?"), "bytes")
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton not importable:", exc)
+import importlib.util
+print("ninja", "yes" if importlib.util.find_spec("ninja") else "no (the build compiles one file at a time)")
+EOF
+        local nvcc san
+        nvcc=$(find_tool nvcc) && "$nvcc" --version | tail -n 2 || echo "nvcc: not found"
+        san=$(find_tool compute-sanitizer) && echo "compute-sanitizer: $san" || echo "compute-sanitizer: not found"
+    } 2>&1 | tee "$OUT/env.txt"
+}
+
+stage_build() {
+    # sm_90 is Hopper (H100/H200); MAX_JOBS: the device machine has 16 cores.
+    AG_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+        "$PY" setup.py build_ext --inplace
     "$PY" -c "import ag_kernels; print('backends on cuda:', ag_kernels.available_backends('cuda'))"
-    have_ext || { echo "build: the CUDA part of the extension did not load (see $OUT/build.log)"; return 1; }
+    "$PY" -c "import ag_kernels, sys; sys.exit(0 if 'ext' in ag_kernels.available_backends('cuda') else 1)" && return 0
+    echo "build: the CUDA part of the extension did not load; the later stages run with Triton (ext cases skip)"
+    return 1
 }
 
-ensure_built() { have_ext || build; }
-
-run_tests() {
-    ensure_built || return 1
-    echo "== test"
-    "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -25
+stage_cuda_tests() {
+    "$PY" -m pytest -m cuda "${CUDA_TEST_FILES[@]}" -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 }
 
-sanitize() {
-    ensure_built || return 1
-    command -v compute-sanitizer >/dev/null || { echo "sanitize: compute-sanitizer not found"; return 1; }
-    echo "== sanitize (memcheck)"
-    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_ext.py tests/test_engine.py -k "cuda" 2>&1 \
-        | tee "$OUT/sanitize.log" | tail -15
+stage_bench() {
+    local limit=$1 slug dir rc
+    slug=$(gpu_slug) || return 1
+    dir="$OUT/bench/results/$slug"
+    mkdir -p "$dir"
+    # 25 s of the stage are kept for summarizing what finished if the run is stopped.
+    timeout -k 3 $((limit - 25)) "$PY" -m bench --gpu --out-dir "$dir"
+    rc=$?
+    if [ ! -f "$dir/results.json" ] || [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        if [ -s "$dir/rows.jsonl" ]; then
+            echo "bench: stopped (exit $rc); summarizing the rows that finished"
+            "$PY" bench/report.py --rows "$dir/rows.jsonl" --out-dir "$dir" \
+                --incomplete "python -m bench --gpu stopped at the session's time limit (exit $rc)" > /dev/null
+        fi
+    fi
+    return $rc
 }
 
-bench() {
-    ensure_built || return 1
-    echo "== bench --gpu"
-    "$PY" -m bench --gpu --out-dir "$OUT/results" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
+stage_memcheck() {
+    local san
+    san=$(find_tool compute-sanitizer) || { echo "memcheck: compute-sanitizer not found on PATH, in \$CUDA_HOME/bin or /usr/local/cuda/bin"; return 1; }
+    # Without the caching allocator every tensor is its own allocation, so an access past its end is caught.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck --report-api-errors no --error-exitcode 99 \
+        --print-limit 20 "$PY" -m pytest -m cuda "${MEMCHECK_FILES[@]}" -k "$MEMCHECK_DESELECT" -q -x -p no:cacheprovider
 }
 
-stage="${1:-all}"
-shift || true
-case "$stage" in
-    build) build ;;
-    test) run_tests ;;
-    sanitize) sanitize ;;
-    bench) bench "$@" ;;
-    all) build && run_tests; sanitize ;;
-    *) echo "usage: bash bench/gpu_session.sh {build|test|sanitize|bench|all}" >&2; exit 2 ;;
-esac
+if [ "${1:-}" = "--stage" ]; then
+    mkdir -p "$OUT"
+    "stage_$2" "${3:-0}"
+    exit $?
+fi
+
+# ----------------------------------------------------------------------------- the plan
+
+limits_sum=0
+for entry in "${STAGES[@]}"; do
+    limit=${entry#*:}
+    [ "$limit" = rest ] && limit=$MEMCHECK_MIN
+    limits_sum=$((limits_sum + limit))
+done
+if [ $limits_sum -gt $BUDGET ]; then
+    echo "gpu_session: the stage limits sum to $limits_sum s, over the budget of $BUDGET s" >&2
+    exit 2
+fi
+
+print_plan() {
+    local i=0 name limit
+    for entry in "${STAGES[@]}"; do
+        i=$((i + 1)); name=${entry%%:*}; limit=${entry#*:}
+        if [ "$limit" = rest ]; then
+            printf 'stage %d %-10s limit: the time left of %d s (at least %d s): %s\n' $i "$name" $BUDGET $MEMCHECK_MIN "$(describe "$name")"
+        else
+            printf 'stage %d %-10s limit %3d s: %s\n' $i "$name" "$limit" "$(describe "$name")"
+        fi
+    done
+    echo "sum of the limits: at most $BUDGET s (fixed stages $((limits_sum - MEMCHECK_MIN)) s + memcheck >= $MEMCHECK_MIN s)"
+}
+
+if [ "${1:-}" = "--dry-run" ]; then
+    echo "gpu_session: dry run: nothing runs; results would go to $OUT"
+    print_plan
+    ok=1
+    command -v timeout > /dev/null && echo "plumbing: timeout found" || { echo "plumbing: timeout NOT found"; ok=0; }
+    "$PY" -c "import torch, ag_kernels; print('plumbing: torch', torch.__version__, '| ag_kernels imports | CUDA', torch.cuda.is_available())" \
+        || { echo "plumbing: python cannot import torch and ag_kernels"; ok=0; }
+    collected=$("$PY" -m pytest -m cuda "${CUDA_TEST_FILES[@]}" --collect-only -q -p no:cacheprovider 2>&1 | tail -n 1)
+    case "$collected" in
+        *" collected"*) echo "plumbing: stage 3 selects ${collected%% in *}" ;;
+        *) echo "plumbing: pytest -m cuda does not collect: $collected"; ok=0 ;;
+    esac
+    "$PY" -m bench --help > /dev/null && echo "plumbing: python -m bench --help ok" || { echo "plumbing: python -m bench fails"; ok=0; }
+    "$PY" bench/report.py --help | grep -q -- "--rows" && echo "plumbing: bench/report.py --rows ok" \
+        || { echo "plumbing: bench/report.py has no --rows"; ok=0; }
+    san=$(find_tool compute-sanitizer) && echo "plumbing: compute-sanitizer at $san" \
+        || echo "plumbing: compute-sanitizer not found here (stage 5 looks on PATH, in \$CUDA_HOME/bin and /usr/local/cuda/bin)"
+    [ $ok -eq 1 ] && { echo "dry run ok"; exit 0; }
+    echo "dry run FAILED"
+    exit 1
+fi
+if [ $# -gt 0 ]; then
+    echo "usage: bash bench/gpu_session.sh [--dry-run]" >&2
+    exit 2
+fi
+
+# ----------------------------------------------------------------------------- the run
+
+mkdir -p "$OUT"
+start=$SECONDS
+printf 'stage\tname\tlimit_s\tseconds\texit\n' > "$OUT/session.tsv"
+print_plan | tee "$OUT/plan.txt"
+i=0
+for entry in "${STAGES[@]}"; do
+    i=$((i + 1)); name=${entry%%:*}; limit=${entry#*:}
+    if [ "$limit" = rest ]; then
+        limit=$((BUDGET - (SECONDS - start)))
+        if [ $limit -lt $MEMCHECK_MIN ]; then
+            echo "== stage $i $name: skipped, ${limit} s left"
+            printf '%d\t%s\t%d\t0\tskipped\n' $i "$name" "$limit" >> "$OUT/session.tsv"
+            continue
+        fi
+    fi
+    log="$OUT/$i-$name.log"
+    echo "== stage $i $name (limit $limit s) -> $log"
+    t0=$SECONDS
+    # 3 s of the limit are the grace between TERM and KILL, so the stage ends within its limit.
+    timeout -k 3 $((limit - 3)) bash "$SCRIPT" --stage "$name" "$((limit - 3))" > "$log" 2>&1
+    rc=$?
+    printf '%d\t%s\t%d\t%d\t%d\n' $i "$name" "$limit" $((SECONDS - t0)) $rc >> "$OUT/session.tsv"
+    case $rc in
+        0) echo "   ok in $((SECONDS - t0)) s" ;;
+        124|137) echo "   stopped at its limit after $((SECONDS - t0)) s (what finished is in the log)" ;;
+        *) echo "   exit $rc after $((SECONDS - t0)) s" ;;
+    esac
+    tail -n 6 "$log" | sed 's/^/   | /'
+done
+echo "== done in $((SECONDS - start)) s; stages:"
+column -t "$OUT/session.tsv" 2>/dev/null || cat "$OUT/session.tsv"

@@ -74,6 +74,8 @@ def _host_rows(group: str, rows: list) -> list:
     return out
 
 
+#: Step-op rows below this many elements are latency-bound on a GPU (bench/_common.py's LATENCY_BOUND_N).
+LATENCY_BOUND_N = 2**22
 #: Issue 14's goals for the whole guided sampler on an H100: speed-up over the edm2-style eager loop per batch.
 ENGINE_TARGETS = {1: 3.0, 8: 2.0, 64: 1.2}
 #: Issue 14's goals for the step ops from this size on: share of the copy bandwidth, and ext vs Triton.
@@ -121,7 +123,7 @@ def summarize(raw: dict, **meta) -> dict:
         if group.startswith("engine "):
             engine_rows += _engine_rows(group, rows)
             continue
-        medians = {r["extra_info"]["case"]: r["stats"]["median"] for r in rows}
+        medians = {r["extra_info"]["case"]: _median(r) for r in rows}
         if group.startswith("sampler"):
             for r in rows:
                 e, median = r["extra_info"], r["stats"]["median"]
@@ -139,21 +141,31 @@ def summarize(raw: dict, **meta) -> dict:
             copy = next(r for r in rows if r["extra_info"]["case"] == "copy")
             copy_gbs = copy["extra_info"]["bytes"] / medians["copy"] / 1e9
         for r in rows:
-            e, median = r["extra_info"], r["stats"]["median"]
+            e, median = r["extra_info"], _median(r)
             gbs = e["bytes"] / median / 1e9
-            step_rows.append({
+            row = {
                 "group": group, "device": e["device"], "op": e["op"], "n": e["n"], "d_dtype": e["d_dtype"], "case": e["case"],
                 "median_s": median, "gb_per_s": gbs,
                 "copy_fraction": gbs / copy_gbs if copy_gbs and e["case"] != "copy" else None,
                 "speedup_vs_eager": medians["eager"] / median if "eager" in medians and e["case"] != "copy" else None,
                 "speedup_vs_compile": medians["compile"] / median if "compile" in medians and e["case"] != "copy" else None,
                 "compile_s": e.get("compile_s"),
-            })
+            }
+            if e.get("timing") == "cuda-events":  # GPU rows: how they were timed, and which are latency-bound
+                row.update(timing="cuda-events", latency_bound=e.get("latency_bound"),
+                           launches_per_round=e.get("launches_per_round"), buffer_sets=e.get("buffer_sets"),
+                           rotating_bytes=e.get("rotating_bytes"))
+            step_rows.append(row)
     host_rows.sort(key=lambda r: (r["device"], r["op"], r["backend"], r["d_dtype"] != "float32", r["d_dtype"], r["n"]))
     order = {c: i for i, c in enumerate(("edm2_eager", "eager", "graph", "graph_overlap", "graph_overlap_compile"))}
     engine_rows.sort(key=lambda r: (r["device"], r["batch"], order.get(r["case"], len(order)), r["case"]))
     return {**info, **meta, "step_ops": step_rows, "host_overhead": host_rows, "sampler": sampler_rows,
             "engine": engine_rows, "engine_skipped": _engine_skipped(raw.get("skipped", []))}
+
+
+def _median(r) -> float:
+    """A benchmark's per-call time: the CUDA-event median where the GPU timing recorded one, else pytest-benchmark's."""
+    return r["extra_info"].get("event_median_s", r["stats"]["median"])
 
 
 def _count(rows, test) -> str:
@@ -230,8 +242,17 @@ def markdown(summary: dict) -> str:
             "| op | elements | D dtype | case | median | GB/s | of copy | x eager | x compile | compile time |",
             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
+        if any(r.get("timing") == "cuda-events" for r in summary["step_ops"]):
+            lines[-2:-2] = [
+                "On the GPU each median is per launch, from CUDA events around blocks of launches that cycle "
+                "through buffer sets of at least four times the L2 (no synchronize per launch), and `copy` is "
+                f"timed the same way; rows below 2^{int(math.log2(LATENCY_BOUND_N))} elements are marked "
+                "*latency-bound*: a launch takes a few microseconds there, whatever the bandwidth.",
+                "",
+            ]
         for r in summary["step_ops"]:
-            cells = [r["op"], f"2^{int(math.log2(r['n']))} ({r['n']})", r["d_dtype"], r["case"], _fmt_time(r["median_s"]),
+            elements = f"2^{int(math.log2(r['n']))} ({r['n']})" + (" *latency-bound*" if r.get("latency_bound") else "")
+            cells = [r["op"], elements, r["d_dtype"], r["case"], _fmt_time(r["median_s"]),
                      f"{r['gb_per_s']:.1f}", _opt(r["copy_fraction"], "{:.0%}"), _opt(r["speedup_vs_eager"], "{:.2f}"),
                      _opt(r["speedup_vs_compile"], "{:.2f}"), _opt(r["compile_s"], "{:.1f} s")]
             lines.append("| " + " | ".join(cells) + " |")
@@ -420,14 +441,38 @@ def write(raw: dict, out_dir, **meta) -> dict:
     return summary
 
 
+def read_rows(path) -> dict:
+    """A pytest-benchmark-shaped dict from the rows that bench/conftest.py appends, one JSON line per
+    finished benchmark ($AG_BENCH_ROWS), for a run that was killed before pytest-benchmark wrote its JSON."""
+    raw = {"benchmarks": [], "skipped": [], "machine_info": {}}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # the last line of a killed run may be cut short
+            continue
+        if "benchmark" in record:
+            raw["benchmarks"].append(record["benchmark"])
+        elif "skipped" in record:
+            raw["skipped"].append(record["skipped"])
+        elif "machine_info" in record:
+            raw["machine_info"] = record["machine_info"]
+    return raw
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="output of pytest --benchmark-json")
+    parser.add_argument("json", nargs="?", help="output of pytest --benchmark-json")
+    parser.add_argument("--rows", help="instead: the rows file of a run that was stopped ($AG_BENCH_ROWS)")
+    parser.add_argument("--incomplete", help="say in the results why the run is incomplete")
     parser.add_argument("--out-dir", required=True, help="where to write results.json, results.md, results.png")
     args = parser.parse_args(argv)
-    raw = json.loads(Path(args.json).read_text())
+    if (args.json is None) == (args.rows is None):
+        parser.error("give either a pytest-benchmark JSON or --rows ROWS.jsonl")
+    raw = read_rows(args.rows) if args.rows else json.loads(Path(args.json).read_text())
     info = raw.get("machine_info", {}).get("ag_kernels", {})
-    write(raw, args.out_dir, device=info.get("device"), profile=None, command=None)
+    extra = {"incomplete": args.incomplete} if args.incomplete else {}
+    write(raw, args.out_dir, device=info.get("device"), profile=info.get("profile") if args.rows else None,
+          command=None, **extra)
     print((Path(args.out_dir) / "results.md").read_text())
     return 0
 

@@ -19,8 +19,8 @@ import os
 import pytest
 
 from bench._common import (
-    D_DTYPES, DEVICES, compiled_fn, eager_fn, eager_noalloc_fn, fast_backends, params, public_fn, run, setup,
-    sizes, step_bytes,
+    D_DTYPES, DEVICES, compiled_fn, compiled_formula, eager_fn, eager_noalloc_fn, fast_backends, params, public_fn,
+    rotation, run_rotating, setup, sizes, step_bytes,
 )
 
 CONFIGS = [
@@ -43,20 +43,23 @@ def _cases(device, n):
 
 def _bench(benchmark, op, device, n, d_dtype, case):
     t = setup(benchmark, "", op, device, n, d_dtype)
-    x, out = t["x"], t["out"]
+    sets = rotation(device, n, d_dtype)
+    x = t["x"]
     if case == "copy":
-        run(benchmark, device, lambda: out.copy_(x), 2 * x.numel() * x.element_size(), case=case)
+        run_rotating(benchmark, device, lambda b: lambda: b["out"].copy_(b["x"]), sets, 2 * x.numel() * x.element_size(),
+                     case=case, n=n)
         return
     if case == "eager":
-        fn = eager_fn(op, t)
+        make = lambda b: eager_fn(op, b)  # noqa: E731
     elif case == "compile":
-        fn = compiled_fn(op, t)
+        compiled = compiled_formula(op)
+        make = lambda b: compiled_fn(op, b, compiled)  # noqa: E731
     elif case == "eager_noalloc":
-        fn = eager_noalloc_fn(op, t)
+        make = lambda b: eager_noalloc_fn(op, b)  # noqa: E731
     else:
         backend, _, alloc = case.partition("_")
-        fn = public_fn(op, t, backend, None if alloc else out)
-    run(benchmark, device, fn, step_bytes(op, t), case=case)
+        make = lambda b: public_fn(op, b, backend, None if alloc else b["out"])  # noqa: E731
+    run_rotating(benchmark, device, make, sets, step_bytes(op, t), case=case, n=n)
 
 
 @pytest.mark.parametrize("device, n, d_dtype, case", params(CONFIGS, _cases))

@@ -20,9 +20,20 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")],
     ),
 ]
+
+
+def cuda_only(reason: str, devices: int = 1):
+    """Mark a test ``cuda`` (``-m cuda`` selects it: the GPU session's tests) and skip it, saying
+    ``reason``, on a machine with fewer than ``devices`` CUDA devices."""
+    missing = not torch.cuda.is_available() or torch.cuda.device_count() < devices
+
+    def mark(fn):
+        return pytest.mark.cuda(pytest.mark.skipif(missing, reason=reason)(fn))
+
+    return mark
 
 # max|out - oracle| / max|oracle| allowed, per x dtype (issue 2's numerics): a few ulps, since the
 # result is formed by O(1) operations on values of about its scale.  On 1- and 7-element tensors

@@ -23,12 +23,13 @@ import ag_kernels
 from ag_kernels import GuidedSampler
 from ag_kernels.kernels import reference
 from ag_kernels.models.nets import TinyDenoiser
-from _util import rel_err
+from _util import cuda_only, rel_err
 
 LABEL_DIM = 5
 CHURN = dict(S_churn=30.0, S_min=0.05, S_max=50.0)
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device; none is available here")
+needs_cuda = cuda_only("CUDA graphs need a CUDA device; none is available here")
+needs_two_gpus = cuda_only("needs two CUDA devices (tensors on cuda:1 while cuda:0 is current)", devices=2)
 
 
 def nets(device="cpu", out_dtype="float32"):
@@ -122,24 +123,163 @@ def test_graph_path_refills_every_input(kind, gen):
 
 
 def test_graph_cache_keys_and_eviction(gen):
+    """A float weight is read from a static slot: one graph serves every value of w (a sweep does
+    not re-capture), with each value's own result; batch shapes are keys, least recently used dropped."""
     net, gnet = nets()
     weights = {"w": 2.0}
     engine = GuidedSampler(net, gnet, num_steps=4, cuda_graph=True, max_graphs=2, guidance=lambda s: weights["w"])
     engine._emulate_graphs = True
     noise, labels = inputs(gen, 2)
     first = engine(noise, labels)
-    # A float weight is baked into a graph: a new value is a new graph, with the new value's result.
-    weights["w"] = 3.0
-    second = engine(noise, labels)
-    assert len(engine._cache.entries) == 2 and not torch.equal(first, second)
-    assert torch.equal(second, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, guidance=3.0))
+    for w in (3.0, 0.25, -1.5):
+        weights["w"] = w
+        out = engine(noise, labels)
+        assert engine.last_mode == "graph" and len(engine._cache.entries) == 1
+        assert torch.equal(out, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, guidance=w))
+    # w = 1 does not evaluate gnet at all: a different run, so a different graph.
+    weights["w"] = 1.0
+    assert torch.equal(engine(noise, labels), ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4))
+    assert len(engine._cache.entries) == 2
+    weights["w"] = 2.0
     noise3, labels3 = inputs(gen, 3)
     engine(noise3, labels3)
     assert len(engine._cache.entries) == 2  # the least recently used graph went
-    weights["w"] = 2.0
     assert torch.equal(engine(noise, labels), first)  # captured again, same result
     engine.reset()
     assert not engine._cache.entries
+
+
+@pytest.mark.parametrize("backend", ag_kernels.available_backends("cpu"))
+def test_float_weight_slots_equal_eager_bitwise(backend, gen):
+    """The graph path reads a float w from a static float64 slot; every backend gives the float's result bitwise."""
+    net, gnet = nets()
+    weights = {"w": 2.1}
+    engine = GuidedSampler(net, gnet, num_steps=4, backend=backend, cuda_graph=True, guidance=lambda s: weights["w"],
+                           guidance_interval=(0.3, 50.0), **CHURN)
+    engine._emulate_graphs = True
+    for call, w in enumerate((2.1, 0.4, 3.7)):
+        weights["w"] = w
+        noise, labels = inputs(gen, 3)
+        out = engine(noise, labels, randn_like=seeded(call))
+        ref = ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=4, backend=backend, guidance=w,
+                                     guidance_interval=(0.3, 50.0), randn_like=seeded(call), **CHURN)
+        assert engine.last_mode == "graph" and torch.equal(out, ref), f"w={w}"
+    assert len(engine._cache.entries) == 1
+
+
+def test_weight_aliasing_is_part_of_the_graph_key(gen):
+    """A guidance function that returned one tensor for every level at capture and distinct tensors
+    later must not have the later call read the first tensor's slot everywhere."""
+    net, gnet = nets()
+    shared = torch.tensor([2.0, 2.5, 3.0])
+    calls = {"mode": "shared"}
+
+    def guidance(sigma):
+        if calls["mode"] == "shared":
+            return shared
+        return torch.full((3,), 1.0 + sigma / (1.0 + sigma))  # a new tensor per noise level
+
+    engine = GuidedSampler(net, gnet, num_steps=5, cuda_graph=True, guidance=guidance)
+    engine._emulate_graphs = True
+    noise, labels = inputs(gen, 3)
+    a = engine(noise, labels)
+    assert torch.equal(a, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=5, guidance=guidance))
+    calls["mode"] = "distinct"
+    b = engine(noise, labels)
+    assert engine.last_mode == "graph"
+    assert torch.equal(b, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=5, guidance=guidance))
+    assert len(engine._cache.entries) == 2  # two aliasing patterns, two graphs
+
+
+def test_capture_failure_reports_the_networks_error_and_reuses_the_churn_noise(gen):
+    """A network that capture rejects (emulated: it raises while the run is captured): the reason is
+    its own error, and the eager fallback uses the churn noise already drawn for this call, so the
+    result equals an eager run of the same seeds, first call and later ones alike."""
+    net, gnet = nets()
+    engine = None
+
+    def refusing(x, t, lab):
+        if engine._cache.capturing:
+            raise RuntimeError("host read of a CUDA value while capturing")
+        return gnet(x, t, lab)
+
+    engine = GuidedSampler(net, refusing, num_steps=5, guidance=2.0, cuda_graph=True, **CHURN)
+    engine._emulate_graphs = True
+    for call in range(2):
+        noise, labels = inputs(gen, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = engine(noise, labels, randn_like=seeded(call))
+        assert engine.last_mode == "eager"
+        assert engine.fallback_reason == "capture failed (RuntimeError: host read of a CUDA value while capturing)"
+        assert len(caught) == (1 if call == 0 else 0)
+        ref = GuidedSampler(net, gnet, num_steps=5, guidance=2.0, cuda_graph=False, **CHURN)(
+            noise, labels, randn_like=seeded(call))
+        assert torch.equal(out, ref), f"call {call}"
+
+
+def test_generate_after_a_capture_failure_keeps_per_seed_noise(gen):
+    """generate with churn and a network that capture rejects: every batch equals the eager run's."""
+    net, gnet = nets()
+    engines = []
+    real_init = GuidedSampler.__init__
+
+    def refusing(x, t, lab):
+        if any(e._cache.capturing for e in engines):
+            raise RuntimeError("synchronizes")
+        return gnet(x, t, lab)
+
+    kw = dict(seeds=range(5), batch_size=3, num_steps=4, guidance=2.0, progress=False, **CHURN)
+    eager = list(ag_kernels.generate(net, refusing, cuda_graph=False, **kw))
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._emulate_graphs = True
+        engines.append(self)
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setattr(GuidedSampler, "__init__", init)
+        graphs = list(ag_kernels.generate(net, refusing, cuda_graph=True, **kw))
+    assert engines and all(e.last_mode == "eager" for e in engines)
+    for a, b in zip(eager, graphs):
+        assert torch.equal(a.samples, b.samples)
+
+
+def test_static_buffers_outlive_the_callers_inference_mode(gen):
+    """The first call (which creates the static buffers) under torch.inference_mode, later ones outside it."""
+    net, gnet = nets()
+    engine = GuidedSampler(net, gnet, num_steps=4, guidance=torch.tensor([2.0, 3.0]), cuda_graph=True,
+                           check_finite=True, **CHURN)
+    engine._emulate_graphs = True
+    noise, labels = inputs(gen, 2)
+    with torch.inference_mode():
+        a = engine(noise, labels, randn_like=seeded(1))
+    b = engine(noise, labels, randn_like=seeded(1))
+    with torch.inference_mode():
+        c = engine(noise, labels, randn_like=seeded(1))
+    assert engine.last_mode == "graph"
+    assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_edm_sampler_engines_are_not_keyed_by_per_call_guidance(gen, monkeypatch):
+    """edm_sampler(cuda_graph=True) with a guidance lambda, tensor or float made anew per call reuses one
+    engine and one graph (emulated here) and gives each call's own result."""
+    from ag_kernels.sampling import sampler as sampler_module
+
+    monkeypatch.setattr(GuidedSampler, "_emulate_graphs", True)
+    net, gnet = nets()
+    noise, labels = inputs(gen, 3)
+    sampler_module._ENGINES.clear()
+    for w in (2.0, 2.5, 3.0):
+        for guidance in (w, lambda s, w=w: w, torch.full((3,), w)):
+            out = ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=3, guidance=guidance, cuda_graph=True)
+            ref = ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=3, guidance=w)
+            assert torch.equal(out, ref), (w, type(guidance).__name__)
+    (engine,) = sampler_module._ENGINES.values()
+    assert engine.last_mode == "graph"
+    assert len(engine._cache.entries) == 2  # float weights (numbers and lambdas) and the per-sample tensor
+    sampler_module._ENGINES.clear()
 
 
 def test_cuda_graph_true_on_cpu_warns_once_and_runs_eagerly(gen):
@@ -263,7 +403,7 @@ def test_bad_settings_and_calls_name_the_argument(gen):
 
 
 def test_compiled_networks_match_eager(gen):
-    """compile=True (inductor, freezing for modules in eval mode) on the CPU: within 1e-5 of eager."""
+    """compile=True (inductor) on the CPU: within 1e-5 of eager, and weights updated in place are seen."""
     net, gnet = nets()
     noise, labels = inputs(gen, 2)
     eager = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=False)(noise, labels)
@@ -271,6 +411,13 @@ def test_compiled_networks_match_eager(gen):
     out = engine(noise, labels)
     assert rel_err(out, eager) <= 1e-5
     assert engine._net_fn is not net
+    # Weights updated in place (an EMA, load_state_dict) are seen by the compiled networks: no freezing.
+    with torch.no_grad():
+        for p in gnet.parameters():
+            p.mul_(0.5)
+    updated = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=False)(noise, labels)
+    assert not torch.equal(updated, eager)
+    assert rel_err(engine(noise, labels), updated) <= 1e-5
 
 
 def test_generate_uses_one_engine(gen, tmp_path):
@@ -348,7 +495,9 @@ def test_cuda_overlap_eager_equals_sequential(gen):
 
 @needs_cuda
 def test_cuda_capture_failure_falls_back_once(gen):
-    """A network that synchronizes (reads a value to the host) cannot be captured: warned once, run eagerly."""
+    """A network that synchronizes (reads a value to the host) cannot be captured: warned once, run
+    eagerly with the churn noise already drawn (equal to an eager run of the same seeds); the caller's
+    stream is current again, the reason is the network's own error, and the capture's pool is given back."""
     net, gnet = nets("cuda")
 
     def syncing(x, t, labels):
@@ -357,25 +506,127 @@ def test_cuda_capture_failure_falls_back_once(gen):
         return net(x, t, labels)
 
     noise, labels = inputs(gen, 2, "cuda")
-    engine = GuidedSampler(syncing, gnet, num_steps=4, guidance=2.0, cuda_graph=True)
+    ref = ag_kernels.edm_sampler(syncing, noise, labels, gnet, num_steps=4, guidance=2.0, randn_like=seeded(3, "cuda"),
+                                 **CHURN)
+    caller = torch.cuda.current_stream()
+    engine = GuidedSampler(syncing, gnet, num_steps=4, guidance=2.0, cuda_graph=True, **CHURN)
     with pytest.warns(UserWarning, match="capture failed"):
-        a = engine(noise, labels)
-    assert engine.last_mode == "eager"
+        a = engine(noise, labels, randn_like=seeded(3, "cuda"))
+    assert torch.cuda.current_stream() == caller, "the capture stream was left current"
+    assert not torch.cuda.is_current_stream_capturing()
+    assert engine.last_mode == "eager" and "previous error" not in engine.fallback_reason, engine.fallback_reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b = engine(noise, labels)
-    ref = ag_kernels.edm_sampler(syncing, noise, labels, gnet, num_steps=4, guidance=2.0)
+        b = engine(noise, labels, randn_like=seeded(3, "cuda"))
     assert torch.equal(a, ref) and torch.equal(b, ref)
+
+    def reserved_after_a_failed_capture():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            GuidedSampler(syncing, gnet, num_steps=4, guidance=2.0, cuda_graph=True)(noise, labels)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved()
+
+    # A kept pool holds at least one 2 MiB segment per failed capture; two more failures must not add 4 MiB.
+    first = reserved_after_a_failed_capture()
+    for _ in range(2):
+        last = reserved_after_a_failed_capture()
+    assert last - first < 4 * 2**20, f"reserved memory grew by {(last - first) / 2**20:.1f} MiB over two failed captures"
 
 
 @needs_cuda
 def test_cuda_graph_float32_agrees_with_reference(gen):
     net, gnet = nets("cuda")
     noise, labels = inputs(gen, 8, "cuda")
-    engine = GuidedSampler(net, gnet, num_steps=32, guidance=2.0, cuda_graph=True)
-    out = engine(noise, labels)
-    ref = reference.torch_edm_sampler(net, noise, labels, gnet, num_steps=32, guidance=2.0)
+    # TF32 convolutions/matmuls would make the two samplers' trajectories part far beyond 1e-5.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        engine = GuidedSampler(net, gnet, num_steps=32, guidance=2.0, cuda_graph=True)
+        out = engine(noise, labels)
+        ref = reference.torch_edm_sampler(net, noise, labels, gnet, num_steps=32, guidance=2.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert engine.last_mode == "graph", engine.fallback_reason
     assert rel_err(out, ref) <= 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
+def test_cuda_one_graph_serves_every_float_weight(backend, gen):
+    """A sweep over w replays one captured graph; each value's result is bitwise the eager run's."""
+    if backend not in ag_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend} is not available on CUDA here")
+    net, gnet = nets("cuda")
+    noise, labels = inputs(gen, 3, "cuda")
+    weights = {"w": 2.0}
+    engine = GuidedSampler(net, gnet, num_steps=5, backend=backend, cuda_graph=True, guidance=lambda s: weights["w"])
+    for w in (2.0, 0.3, 4.5):
+        weights["w"] = w
+        out = engine(noise, labels)
+        assert engine.last_mode == "graph", engine.fallback_reason
+        assert torch.equal(out, ag_kernels.edm_sampler(net, noise, labels, gnet, num_steps=5, backend=backend, guidance=w))
+    assert len(engine._cache.entries) == 1
+
+
+@needs_cuda
+def test_cuda_graph_under_inference_mode_then_outside(gen):
+    net, gnet = nets("cuda")
+    noise, labels = inputs(gen, 2, "cuda")
+    engine = GuidedSampler(net, gnet, num_steps=4, guidance=2.0, cuda_graph=True, check_finite=True, **CHURN)
+    with torch.inference_mode():
+        a = engine(noise, labels, randn_like=seeded(1, "cuda"))
+    b = engine(noise, labels, randn_like=seeded(1, "cuda"))
+    assert engine.last_mode == "graph", engine.fallback_reason
+    assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_compiled_graph_sees_weights_updated_in_place(gen):
+    """compile=True inside a captured graph reads the parameters where they are: an in-place update is seen."""
+    net, gnet = nets("cuda")
+    noise, labels = inputs(gen, 2, "cuda")
+    engine = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=True, compile=True)
+    engine(noise, labels)
+    with torch.no_grad():
+        for p in gnet.parameters():
+            p.mul_(0.5)
+    out = engine(noise, labels)
+    assert engine.last_mode == "graph", engine.fallback_reason
+    eager = GuidedSampler(net, gnet, num_steps=3, guidance=2.0, cuda_graph=False)(noise, labels)
+    assert rel_err(out, eager) <= 1e-4  # inductor's fused kernels round differently from eager ones
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_cuda_tensors_on_a_device_that_is_not_current(backend, gen):
+    """Tensors on cuda:1 while cuda:0 is current: the step ops, the eager engine and graph capture,
+    warm-up and replay all run on cuda:1, with the results of a run where cuda:1 is current."""
+    if backend not in ag_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend} is not available on CUDA here")
+    net, gnet = nets("cuda:1")
+    noise, labels = inputs(gen, 2, "cuda:1")
+    kw = dict(num_steps=4, guidance=2.0, backend=backend, **CHURN)
+    with torch.cuda.device(1):
+        ref = GuidedSampler(net, gnet, cuda_graph=False, **kw)(noise, labels, randn_like=seeded(2, "cuda:1"))
+        ref_graph = GuidedSampler(net, gnet, cuda_graph=True, **kw)(noise, labels, randn_like=seeded(2, "cuda:1"))
+    torch.cuda.synchronize(1)
+    with torch.cuda.device(0):
+        eager = GuidedSampler(net, gnet, cuda_graph=False, **kw)(noise, labels, randn_like=seeded(2, "cuda:1"))
+        engine = GuidedSampler(net, gnet, cuda_graph=True, **kw)
+        graph = engine(noise, labels, randn_like=seeded(2, "cuda:1"))
+        again = engine(noise, labels, randn_like=seeded(2, "cuda:1"))
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(1)
+    assert engine.last_mode == "graph", engine.fallback_reason
+    assert torch.equal(eager, ref) and torch.equal(graph, ref_graph) and torch.equal(again, ref_graph)
+    x = torch.randn(3, 4099, device="cuda:1")
+    with torch.cuda.device(0):
+        out = ag_kernels.euler_step(x, 0.9 * x, 0.8 * x, 2.1, 1.25, 0.9, backend=backend)
+    assert out.device == x.device
+    cpu = x.cpu()
+    assert rel_err(out, ag_kernels.euler_step(cpu, 0.9 * cpu, 0.8 * cpu, 2.1, 1.25, 0.9, backend="torch")) <= 2e-6
 
 
 @pytest.mark.parametrize("emulate", [False, True], ids=["eager", "graph"])

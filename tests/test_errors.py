@@ -169,6 +169,23 @@ def test_available_backends():
         assert ag_kernels.available_backends("cuda")[0] in ("ext", "triton")
 
 
+def test_ext_on_cuda_needs_its_cuda_kernels():
+    """"ext" counts as available for CUDA tensors only when the build registered CUDA kernels for
+    every op (a CPU-only build imports too); the reason says how to get them."""
+    from ag_kernels.kernels._backends import EXT_OPS, _load_ext, _unavailable_reason, resolve_backend
+
+    if _load_ext() is None:
+        pytest.skip("the extension is not built here")
+    built = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ag_kernels::{n}", "CUDA") for n in EXT_OPS)
+    reason = _unavailable_reason("ext", torch.device("cuda"))
+    assert (reason is None) == built
+    assert ("ext" in ag_kernels.available_backends("cuda")) == built
+    if not built:
+        assert "built without its CUDA kernels" in reason
+        with pytest.raises(ValueError, match="backend='ext' is not available for cuda tensors: .*CUDA kernels"):
+            resolve_backend("ext", torch.device("cuda"))
+
+
 @pytest.mark.parametrize("backend", ag_kernels.available_backends("cpu"))
 def test_coefficients_must_be_representable_in_float32(backend):
     """A scalar that rounds to 0 or inf in float32 would give all-NaN or inf output: refused, naming it;

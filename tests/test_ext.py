@@ -174,6 +174,7 @@ def test_direct_op_matches_public(d_dtype, gen):
     assert rel_err(out, oracle("heun_step", x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)) <= TOL[torch.float32]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_cuda_graph_capture(backend, gen):

@@ -268,6 +268,7 @@ def test_generate_seeds_generators_mod_2_32_as_edm2(tmp_path, monkeypatch):
     assert batch.paths[0] == str(tmp_path / "4294967301.png")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators use all 64 bits of a seed")
 def test_generate_seed_above_2_32_on_cuda_is_edm2s():
     net, gnet = (n.cuda() for n in nets(3))

@@ -240,6 +240,7 @@ def test_heun_small_sigma(backend, device, x_dtype, gen):
         assert err <= TOL[x_dtype], f"t_cur={t_cur:.4g} t_next={t_next:.4g}: rel err {err:.3g}"
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_agree_on_cuda_and_cpu(backend, gen):
     """The same inputs on CPU and CUDA give the same result (within tolerance) for each backend."""
@@ -255,6 +256,7 @@ def test_backends_agree_on_cuda_and_cpu(backend, gen):
     assert rel_err(gpu, cpu) <= 2 * TOL[torch.float32]
 
 
+@pytest.mark.cuda
 def test_64bit_offsets_cuda():
     """A tensor of more than 2**31 elements is processed to its last element (64-bit offsets)."""
     if not torch.cuda.is_available():

@@ -41,18 +41,7 @@ def main(argv=None) -> int:
         return toy_cli.run_demo(parser, args)
     if args.command == "toy":
         return toy_cli.run_toy(parser, args)
-    for flag, value in (("--batch", args.batch), ("--size", args.size), ("--steps", args.steps)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-    for w in args.guidance:
-        if not abs(w) < 3.4e38:
-            parser.error(f"--guidance must be finite numbers within float32's range, got {w}")
-    try:
-        device = cli_generate.torch_device(args.device)
-    except ValueError as exc:
-        parser.error(f"--device: {exc}")
-    ok = selfcheck.run_selfcheck(device, args.batch, args.size, args.steps, tuple(args.guidance), args.seed, args.net_dtype)
-    return 0 if ok else 1
+    return selfcheck.run(parser, args)
 
 
 def _import_torch() -> None:

@@ -136,3 +136,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--net-dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
                    help="dtype of the closed-form networks' outputs")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The selfcheck command: its flags checked (one-line errors naming them), then :func:`run_selfcheck`."""
+    from .generate import torch_device
+
+    for flag, value in (("--batch", args.batch), ("--size", args.size), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    for w in args.guidance:
+        if not abs(w) < 3.4e38:
+            parser.error(f"--guidance must be finite numbers within float32's range, got {w}")
+    try:
+        device = torch_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
+    ok = run_selfcheck(device, args.batch, args.size, args.steps, tuple(args.guidance), args.seed, args.net_dtype)
+    return 0 if ok else 1

@@ -77,6 +77,13 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "ext":
         if _load_ext() is None:
             return _EXT_ERROR
+        if device.type == "cuda":
+            # _C imports on a CPU-only build too: CUDA tensors need the op's CUDA kernels registered.
+            missing = [n for n in EXT_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ag_kernels::{n}", "CUDA")]
+            if missing:
+                return (f"the extension ag_kernels._C was built without its CUDA kernels (none registered for "
+                        f"{', '.join(missing)}); rebuild it where torch is a CUDA build and nvcc is found "
+                        "(setup.py says which part it built)")
         return None
     return f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}"
 

@@ -17,6 +17,7 @@ strides and to be non-overlapping and dense (the public API arranges that).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -198,24 +199,29 @@ def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn
     else:
         blocks_per_row = 1
         grid = (triton.cdiv(n, block),)
+    # Triton launches on the current device (its stream and context): tensors on another GPU get
+    # that device made current for the launch; the usual call, on the current device, skips the guard.
+    other_device = out.is_cuda and out.device.index != torch.cuda.current_device()
+    guard = torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
     # Unused pointer arguments get a valid tensor so the launch signature stays the same.
     dummy = out
     kernel = _guided_step_kernel if INTERPRET else torch.library.wrap_triton(_guided_step_kernel)
-    kernel[grid](
-        out,
-        x if x is not None else dummy,
-        x_euler if x_euler is not None else dummy,
-        d_main,
-        d_guide if d_guide is not None else dummy,
-        g_vec if g_vec is not None else dummy, g_vec.stride(0) if g_vec is not None else 0,
-        s_vec if s_vec is not None else dummy, s_vec.stride(0) if s_vec is not None else 0,
-        sn_vec if sn_vec is not None else dummy, sn_vec.stride(0) if sn_vec is not None else 0,
-        float(g), float(s), float(sn),
-        n, row_numel, blocks_per_row,
-        OP=op, HAS_GUIDE=d_guide is not None, ROWS=mode,
-        G_VEC=g_vec is not None, S_VEC=s_vec is not None, SN_VEC=sn_vec is not None,
-        BLOCK=block, num_warps=num_warps,
-    )
+    with guard:
+        kernel[grid](
+            out,
+            x if x is not None else dummy,
+            x_euler if x_euler is not None else dummy,
+            d_main,
+            d_guide if d_guide is not None else dummy,
+            g_vec if g_vec is not None else dummy, g_vec.stride(0) if g_vec is not None else 0,
+            s_vec if s_vec is not None else dummy, s_vec.stride(0) if s_vec is not None else 0,
+            sn_vec if sn_vec is not None else dummy, sn_vec.stride(0) if sn_vec is not None else 0,
+            float(g), float(s), float(sn),
+            n, row_numel, blocks_per_row,
+            OP=op, HAS_GUIDE=d_guide is not None, ROWS=mode,
+            G_VEC=g_vec is not None, S_VEC=s_vec is not None, SN_VEC=sn_vec is not None,
+            BLOCK=block, num_warps=num_warps,
+        )
 
 
 def _register(name, fn, mutates=("out",)):

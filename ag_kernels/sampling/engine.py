@@ -16,8 +16,10 @@ built on it, and adds what pays off when the same networks sample many batches o
   network, and neither fills an H100 at small batches).
 * One batched call for CFG with one network for both roles (``gnet is net``): the main and the
   guide inputs are concatenated into one batch (labels, then ``guide_labels``).
-* Optional ``torch.compile`` of the networks (inductor with freezing, which folds per-forward
-  weight arithmetic such as EDM2's weight normalization into constants).
+* Optional ``torch.compile`` of the networks (inductor, static shapes).  Not frozen: the
+  parameters stay inputs of the compiled code, so weights updated in place are seen (inductor's
+  freezing would fold them, EDM2's weight normalization included, into constants at the first
+  compile and silently ignore later updates).
 
 Everything that holds for the whole run is decided once, per batch shape: the schedule, the
 churned steps and their coefficients, the noise level of every network evaluation and the
@@ -78,9 +80,10 @@ class GuidedSampler:
 
     Args beyond edm_sampler's:
         cuda_graph: True, False or "auto" (default: graphs when the noise is on a CUDA device).
-            With graphs, the first call of each batch shape (and labels and per-sample-weight
-            layout) runs the whole sampler once eagerly as a warm-up, captures it into a CUDA
-            graph and replays it; later calls of that shape only refill the static inputs and
+            With graphs, the first call of each batch shape (and labels layout, and where
+            guidance applies and how its weights alias) runs the whole sampler once eagerly as a
+            warm-up, captures it into a CUDA graph and replays it; later calls of that shape only
+            refill the static inputs (weights included: one graph serves every value of w) and
             replay.  At most ``max_graphs`` graphs are kept (least recently used dropped).
             Where graphs cannot be used the engine warns once why (True) or silently (auto) and
             runs eagerly.  The networks' parameters are read where they are at capture time:
@@ -90,8 +93,9 @@ class GuidedSampler:
         batch_guide: evaluate both roles as one call on the concatenated batch: True, False, or
             "auto" (default: when ``gnet is net``).  Needs networks whose output for a sample
             does not depend on the rest of the batch.
-        compile: ``torch.compile`` the networks (inductor, static shapes, freezing for modules
-            in eval mode), compiled on first use per shape.  Off by default.
+        compile: ``torch.compile`` the networks (inductor, static shapes), compiled on first use
+            per shape.  Parameters are not frozen: in-place weight updates are seen, as in eager
+            runs and graphs.  Off by default.
         max_graphs: how many captured graphs to keep (each holds its own memory pool).
         check_finite: after every step, note on the device whether the samples are still finite
             (two small kernels a step, no synchronization); at the end of the run raise
@@ -106,6 +110,11 @@ class GuidedSampler:
     Attributes after a call: ``last_mode`` ("graph" or "eager") and ``fallback_reason`` (None, or
     why graphs were not used).
     """
+
+    # Tests only: on the CPU, "capture" warms up, runs the closure once more and keeps it, and
+    # "replay" calls it, so the static buffers, their refilling, the graph cache and the capture
+    # fallback are exercised without a GPU (set on an instance, or on the class for edm_sampler).
+    _emulate_graphs = False
 
     def __init__(
         self,
@@ -193,9 +202,6 @@ class GuidedSampler:
         self._cache = GraphCache(self.max_graphs)
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
         self._warned = set()
-        # Tests only: on the CPU, "capture" keeps the run's closure and "replay" calls it, so the
-        # static buffers, their refilling and the graph cache are exercised without a GPU.
-        self._emulate_graphs = False
         self.last_mode: Optional[str] = None
         self.fallback_reason: Optional[str] = None
 
@@ -336,8 +342,9 @@ class GuidedSampler:
         reason = self._graph_reason(noise, labels, guide_labels)
         # Outside torch.no_grad the reference tracks no gradients either: sampling never does.
         with torch.no_grad():
+            drawn = None
             if reason is None:
-                out, reason = self._graph_call(plan, noise, labels, guide_labels, weights, randn_like, overlap)
+                out, reason, drawn = self._graph_call(plan, noise, labels, guide_labels, weights, randn_like, overlap)
                 if out is not None:
                     self.last_mode, self.fallback_reason = "graph", None
                     self._report(self._cache.entries[self._cache.last_key].flags, plan)
@@ -346,9 +353,14 @@ class GuidedSampler:
             if self.cuda_graph is True and reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"GuidedSampler: running eagerly, not from a CUDA graph: {reason}", stacklevel=2)
-            eps = _Noise(randn_like, noise.shape, self.dtype, noise.device)
+            if drawn is not None:
+                # A failed capture already drew this call's churn noise, in the eager order: use it, not fresh draws.
+                eps = lambda k, x: drawn[k]  # noqa: E731
+            else:
+                draw = _Noise(randn_like, noise.shape, self.dtype, noise.device)
+                eps = lambda k, x: draw(x)  # noqa: E731
             flags = self._flags(plan, noise.device)
-            out = self._run(plan, noise, labels, guide_labels, weights, lambda k, x: eps(x), overlap, flags)
+            out = self._run(plan, noise, labels, guide_labels, weights, eps, overlap, flags)
             self._report(flags, plan)
             return out
 
@@ -369,7 +381,7 @@ class GuidedSampler:
     # ----------------------------------------------------------------------- graphs
 
     def _graph_call(self, plan, noise, labels, guide_labels, weights, randn_like, overlap):
-        """(samples, None) from a graph replay, or (None, why not): see :class:`GraphCache`."""
+        """(samples, None, None) from a graph replay, or (None, why not, churn noise drawn or None): see :class:`GraphCache`."""
         def run(noise, labels, guide_labels, weights, eps, flags):
             return self._run(plan, noise, labels, guide_labels, weights, eps, overlap, flags)
 
@@ -383,8 +395,5 @@ class GuidedSampler:
 
 
 def _compiled(net):
-    """torch.compile of a network: static shapes; inductor freezing for an nn.Module in eval mode."""
-    options = None
-    if isinstance(net, torch.nn.Module) and not net.training:
-        options = {"freezing": True}
-    return torch.compile(net, dynamic=False, options=options)
+    """torch.compile of a network: static shapes, parameters read at every call (no freezing)."""
+    return torch.compile(net, dynamic=False)

@@ -243,6 +243,31 @@ def generate(
     of W runs batches r, r + W, r + 2W, ...  Every batch has the composition it has in a single
     process, so the samples are bitwise the same.  The process group is never destroyed here.
     """
+    seeds, batch_size = _check_options(seeds, batch_size, progress, subdirs, skip_existing, outdir, batch_split,
+                                       encoder, sampler_kwargs)
+    noise_shape, label_dim, class_idx = _sample_spec(net, noise_shape, class_idx)
+    device, rank, world = _place(net, device)
+    engine, user_randn_like = _engine(net, gnet, sampler_kwargs)
+    for batch_seeds in _my_batches(seeds, batch_size, rank, world, batch_split, progress):
+        if skip_existing and all(os.path.exists(_png_path(os.fspath(outdir), seed, subdirs)) for seed in batch_seeds):
+            continue  # finished by an earlier run
+        rng, noise, labels = _draw(batch_seeds, device, noise_shape, label_dim, class_idx)
+        samples = engine(noise, labels, randn_like=user_randn_like or rng.randn_like)
+        images = _images(samples, encoder)
+        paths: List[str] = []
+        if outdir is not None:
+            if images is None:
+                raise ValueError(f"outdir: samples of shape {tuple(samples.shape)} are not images [B, C, H, W]; "
+                                 "pass an encoder that decodes them, or outdir=None")
+            paths = _write_pngs(images, batch_seeds, os.fspath(outdir), subdirs, keep_existing=skip_existing)
+        yield GeneratedBatch(seeds=list(batch_seeds), labels=labels, samples=samples, images=images, paths=paths)
+
+
+# --------------------------------------------------------------------------- the steps of generate
+
+
+def _check_options(seeds, batch_size, progress, subdirs, skip_existing, outdir, batch_split, encoder, sampler_kwargs):
+    """generate's own arguments checked; (seeds as a list, batch_size)."""
     if isinstance(seeds, str):
         seeds = parse_seeds(seeds)
     seeds = _check_seeds(seeds, "seeds")
@@ -264,8 +289,12 @@ def generate(
     for reserved in ("noise", "labels"):
         if reserved in sampler_kwargs:
             raise TypeError(f"{reserved} is made by generate from the seeds; do not pass it in sampler_kwargs")
+    return seeds, batch_size
 
-    # The noise shape and the classes come from the network's EDM-style attributes.
+
+def _sample_spec(net, noise_shape, class_idx):
+    """(noise_shape, label_dim, class_idx): one sample's noise shape and the classes, from the
+    network's EDM-style attributes where not given."""
     if noise_shape is None:
         missing = [a for a in ("img_channels", "img_resolution") if not hasattr(net, a)]
         if missing:
@@ -286,7 +315,11 @@ def generate(
         class_idx = _check_int("class_idx", class_idx, 0)
         if class_idx >= label_dim:
             raise ValueError(f"class_idx must be < net.label_dim ({label_dim}), got {class_idx}")
+    return noise_shape, label_dim, class_idx
 
+
+def _place(net, device):
+    """(device, rank, world): where this process samples, and its place among torchrun's processes."""
     if device is None:
         device = _default_device(net)
     elif not isinstance(device, (str, torch.device)):
@@ -295,53 +328,56 @@ def generate(
     rank, world = _distributed(device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return device, rank, world
 
-    # One engine for every batch: the settings are checked once, and on a GPU each batch shape is
-    # captured into a CUDA graph once (the last batch may be shorter: a second graph).
+
+def _engine(net, gnet, sampler_kwargs):
+    """(engine, the caller's randn_like or None): one engine for every batch, so the settings are
+    checked once and on a GPU each batch shape is captured into a CUDA graph once (the last batch
+    may be shorter: a second graph)."""
     engine_kwargs = dict(sampler_kwargs)
     user_randn_like = engine_kwargs.pop("randn_like", None)
     engine_kwargs.setdefault("cuda_graph", "auto")
     engine_kwargs.setdefault("check_finite", True)  # NaN samples are an error naming the step, not PNGs
-    engine = GuidedSampler(net, gnet, **engine_kwargs)
+    return GuidedSampler(net, gnet, **engine_kwargs), user_randn_like
 
-    # The batches of the full seed list, dealt round-robin: with "fixed", the same batches (and so
-    # the same arithmetic for a batch-size-sensitive network) as in one process; with "even",
-    # the batches EDM2's generator forms for this many processes.
+
+def _my_batches(seeds, batch_size, rank, world, batch_split, progress):
+    """This rank's batches of seeds.  The batches of the full seed list are dealt round-robin: with
+    "fixed", the same batches (and so the same arithmetic for a batch-size-sensitive network) as in
+    one process; with "even", the batches EDM2's generator forms for this many processes."""
     batches = [seeds[r.start:r.stop] for r in _split(len(seeds), batch_size, world, batch_split)]
     mine = [b for b in batches[rank::world] if b]
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         mine = tqdm(mine, desc="generate", unit="batch")
+    return mine
 
-    for batch_seeds in mine:
-        if skip_existing and all(os.path.exists(_png_path(os.fspath(outdir), seed, subdirs)) for seed in batch_seeds):
-            continue  # finished by an earlier run
-        # Seeded as EDM2's generate_images seeds (seed mod 2**32), and drawing noise first, then the
-        # class, as it does: a sample's starting noise is the one the reference draws on the device.
-        rng = SeedNoise([s % 2 ** 32 for s in batch_seeds], device)
-        noise = rng.randn(noise_shape)
-        labels = None
-        if label_dim > 0:
-            classes = rng.randint(label_dim)  # drawn even under class_idx: later draws stay the same
-            if class_idx is not None:
-                classes = torch.full_like(classes, class_idx)
-            labels = torch.eye(label_dim, dtype=torch.float32, device=device)[classes]
-        samples = engine(noise, labels, randn_like=user_randn_like or rng.randn_like)
 
-        if encoder is not None:
-            with torch.no_grad():
-                images = _decode(encoder, samples)
-        elif samples.dim() == 4:
-            # EDM2's pixel-space decoding, in float32 as there (a float64 run rounds the same way).
-            images = (samples.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
-        else:
-            images = None
+def _draw(batch_seeds, device, noise_shape, label_dim, class_idx):
+    """(per-seed generators, noise, one-hot labels or None) of a batch.
 
-        paths: List[str] = []
-        if outdir is not None:
-            if images is None:
-                raise ValueError(f"outdir: samples of shape {tuple(samples.shape)} are not images [B, C, H, W]; "
-                                 "pass an encoder that decodes them, or outdir=None")
-            paths = _write_pngs(images, batch_seeds, os.fspath(outdir), subdirs, keep_existing=skip_existing)
-        yield GeneratedBatch(seeds=list(batch_seeds), labels=labels, samples=samples, images=images, paths=paths)
+    Seeded as EDM2's generate_images seeds (seed mod 2**32), and drawing noise first, then the
+    class, as it does: a sample's starting noise is the one the reference draws on the device.
+    """
+    rng = SeedNoise([s % 2 ** 32 for s in batch_seeds], device)
+    noise = rng.randn(noise_shape)
+    labels = None
+    if label_dim > 0:
+        classes = rng.randint(label_dim)  # drawn even under class_idx: later draws stay the same
+        if class_idx is not None:
+            classes = torch.full_like(classes, class_idx)
+        labels = torch.eye(label_dim, dtype=torch.float32, device=device)[classes]
+    return rng, noise, labels
+
+
+def _images(samples, encoder):
+    """uint8 images [B, C, H, W] of the samples, or None where they are not images and no encoder decodes them."""
+    if encoder is not None:
+        with torch.no_grad():
+            return _decode(encoder, samples)
+    if samples.dim() == 4:
+        # EDM2's pixel-space decoding, in float32 as there (a float64 run rounds the same way).
+        return (samples.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    return None

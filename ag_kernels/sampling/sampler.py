@@ -22,12 +22,15 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from ._settings import _Guidance
 from .engine import SOLVERS, GuidedSampler, karras_schedule
 
 __all__ = ["edm_sampler", "karras_schedule", "SOLVERS"]
 
 # Engines that edm_sampler(cuda_graph=True) keeps between calls (and their graphs), keyed by the
-# networks and settings: a graph is worth capturing only if it is replayed.
+# networks and settings but not the guidance: a graph is worth capturing only if it is replayed,
+# and it reads the weights from static slots, so a guidance made anew per call (a lambda, a
+# tensor, a float of a sweep) must not make a new engine.
 _ENGINES: "OrderedDict[tuple, GuidedSampler]" = OrderedDict()
 _MAX_ENGINES = 2
 
@@ -42,7 +45,7 @@ def _identity(v):
 
 
 def _cached_engine(net, gnet, settings: dict) -> GuidedSampler:
-    key = (id(net), id(gnet)) + tuple((k, _identity(v)) for k, v in sorted(settings.items()))
+    key = (id(net), id(gnet)) + tuple((k, _identity(v)) for k, v in sorted(settings.items()) if k != "guidance")
     engine = _ENGINES.get(key)
     # The engine holds its networks and callables, so the ids in the key cannot be reused while it lives.
     if engine is None:
@@ -50,6 +53,9 @@ def _cached_engine(net, gnet, settings: dict) -> GuidedSampler:
         _ENGINES[key] = engine
         while len(_ENGINES) > _MAX_ENGINES:
             _ENGINES.popitem(last=False)
+    else:
+        # This call's guidance, checked as the engine's constructor checks it.
+        engine.guidance = _Guidance(settings["guidance"], gnet, settings["guidance_interval"])
     _ENGINES.move_to_end(key)
     return engine
 
@@ -108,8 +114,10 @@ def edm_sampler(
         cuda_graph: False (default), True or "auto": run from a CUDA graph (see
             :class:`ag_kernels.GuidedSampler`).  With True/"auto" the engine and its graphs are
             kept for the next call with the same networks and settings (the last two such
-            engines are kept), so repeated calls replay; True on CPU tensors warns once and runs
-            eagerly.  Results equal the eager run's.
+            engines are kept), so repeated calls replay; the guidance is not part of that key
+            (the graphs read it from static slots), so a lambda, tensor or float made anew per
+            call replays too.  True on CPU tensors warns once and runs eagerly.  Results equal the
+            eager run's.
         overlap: on CUDA, evaluate gnet on a second stream concurrently with net (same results).
         guide_labels: the labels gnet gets (default: ``labels``), e.g. zeros for CFG with one network.
         batch_guide: True, False or "auto" (when ``gnet is net``): evaluate both roles as one call

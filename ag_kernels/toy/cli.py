@@ -45,14 +45,10 @@ def _backend_check(models, result: ex.MethodResult, n: int, seed: int, device) -
     guide = ex.GUIDES[result.method]
     gnet = models[guide] if guide else None
     ref = ex.sample(models["main"], gnet, result.guidance, n, seed=seed, device=device, backend="torch")
-    # The yardstick: how far the torch run itself moves when its starting noise moves by one
-    # float32 ulp.  Near thin branches guided trajectories amplify last-bit differences (1e-5 held
-    # for the old, fat tree; on this one an ulp moves a few samples by ~5e-5), so backends must
-    # agree within 1e-5 or 4x that sensitivity, whichever is larger.
+    # Backends must agree within 1e-5 or 4x torch's own one-ulp sensitivity (see agreement_bound).
     nudged = ex.sample(models["main"], gnet, result.guidance, n, seed=seed, device=device, backend="torch", nudge=True)
     scale = float(ref.abs().max())
-    sensitivity = float((nudged - ref).abs().max()) / scale
-    bound = max(1e-5, 4 * sensitivity)
+    bound, sensitivity = ex.agreement_bound(ref, nudged)
     worst, parts = 0.0, []
     for b in available_backends(device):
         if b == "torch":

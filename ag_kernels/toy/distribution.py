@@ -232,6 +232,13 @@ class GaussianMixture:
         coef = torch.stack([-0.5 * p00, -p01, -0.5 * p11, pm0, pm1, const])
         return coef, torch.stack([p00, p01, p11, pm0, pm1], dim=1)
 
+    def _chunks(self, n: int):
+        """Row ranges [i, j) of n points, each at most _CHUNK_ELEMS point-component pairs: the
+        [points, components] working arrays stay small whatever n is."""
+        step = max(1, self._CHUNK_ELEMS // len(self))
+        for i in range(0, n, step):
+            yield i, min(n, i + step)
+
     def _eval(self, x, sigma, want_score: bool, work_dtype: torch.dtype = _DT):
         x = _check_x(x)
         n = x.shape[0]
@@ -244,8 +251,6 @@ class GaussianMixture:
             x = x.to(work_dtype)
             s = (s if s.dim() else s.expand(n, 1)).to(work_dtype)
         log_w = torch.log(w)  # -inf for zero weights is fine under logsumexp
-        k = w.shape[0]
-        step = max(1, self._CHUNK_ELEMS // k)
         lp = torch.empty(n, dtype=_DT, device=x.device)
         sc = torch.empty(n, 2, dtype=_DT, device=x.device) if want_score else None
         if s.dim() != 0 and n > 0 and work_dtype == _DT and bool((s == s[0]).all()):
@@ -254,8 +259,7 @@ class GaussianMixture:
             # One noise level: the quadratic forms of all components are one small matmul.
             # (Expanding the quadratic costs ~1e-11 absolute accuracy in log p at this data scale.)
             coef, q = self._coefficients(s**2, log_w, means, covs)
-        for i in range(0, n, step):
-            j = min(n, i + step)
+        for i, j in self._chunks(n):
             xi = x[i:j]
             x0, x1 = xi[:, 0:1], xi[:, 1:2]
             if s.dim() == 0:
@@ -309,10 +313,8 @@ class GaussianMixture:
         g = groups.to(xd.device)
         num = int(g.max()) + 1
         out = torch.zeros(n, num, dtype=_DT, device=xd.device)
-        step = max(1, self._CHUNK_ELEMS // len(self))
         s2 = s**2 if s.dim() == 0 else None
-        for i in range(0, n, step):
-            j = min(n, i + step)
+        for i, j in self._chunks(n):
             logn, _, _ = self._terms(xd[i:j], s2 if s2 is not None else s[i:j] ** 2, torch.log(w), means, covs)
             r = torch.softmax(logn, dim=1)
             out[i:j].index_add_(1, g, r)

@@ -36,7 +36,7 @@ from .model import ToyDenoiser, train
 __all__ = [
     "ModelSpec", "MODELS", "GUIDES", "WEIGHTS_DIR", "NUM_STEPS", "SIGMA_MIN", "SIGMA_MAX", "K", "OUTLIER_QUANTILE",
     "DEFAULT_CFG_WEIGHTS", "DEFAULT_AG_WEIGHTS", "AG_WEIGHT", "CFG_WEIGHT", "GROSS_NATS", "BLUR_SIGMAS",
-    "train_models", "load_models", "sample", "outlier_threshold", "blur_nats", "score_samples", "goals", "MethodResult", "Experiment", "run", "plot",
+    "train_models", "load_models", "sample", "outlier_threshold", "blur_nats", "score_samples", "goals", "agreement_bound", "MethodResult", "Experiment", "run", "plot",
 ]
 
 
@@ -271,15 +271,18 @@ def blur_nats(data: str = "A", sigmas: Sequence[float] = BLUR_SIGMAS, *, n: int 
     return out
 
 
-def score_samples(samples: torch.Tensor, reference: torch.Tensor, *, threshold: float, data: str = "A", k: int = K) -> Dict[str, object]:
+def score_samples(samples: torch.Tensor, reference: torch.Tensor, *, threshold: float, data: str = "A", k: int = K,
+                  logp: Optional[torch.Tensor] = None) -> Dict[str, object]:
     """Improved precision/recall against ``reference`` (exact samples), mean log p, outliers and mass per tree level.
 
     ``outlier_frac``: exact log p below ``threshold``; ``gross_outlier_frac``: below it by more than
     :data:`GROSS_NATS` more; ``mass_by_depth``: the samples' mean posterior probability of each
     tree level 0..TREE_LEVELS-1 under the exact mixture (soft assignment to the levels' components).
+    ``logp``: the samples' exact log p under ``data``, where the caller already has it.
     """
     dist = tree_mixture(data)
-    logp = dist.log_prob(samples)
+    if logp is None:
+        logp = dist.log_prob(samples)
     precision, recall = precision_recall(reference, samples, k=k)
     f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
     mass = dist.group_posteriors(samples, tree_depths(data)).mean(0)
@@ -291,12 +294,31 @@ def score_samples(samples: torch.Tensor, reference: torch.Tensor, *, threshold: 
     }
 
 
+def agreement_bound(ref: torch.Tensor, nudged: torch.Tensor, floor: float = 1e-5):
+    """(bound, sensitivity) for comparing two samplers' outputs on the thin tree, relative to max |ref|.
+
+    ``nudged`` is the reference sampler's output from noise moved by one float32 ulp; how far that
+    moves it (``sensitivity``) is the yardstick: near thin branches guided trajectories amplify
+    last-bit differences (1e-5 held for the old, fat tree; on this one an ulp moves a few samples
+    by ~5e-5), so two samplers must agree within ``floor`` or 4x that sensitivity, the larger.
+    """
+    sensitivity = float((nudged - ref).abs().max()) / float(ref.abs().max())
+    return max(floor, 4 * sensitivity), sensitivity
+
+
 @dataclasses.dataclass
 class MethodResult:
     method: str          # "none", "cfg", "autoguidance" (or "exact": exact samples)
     guidance: float
     metrics: Dict[str, object]
     samples: torch.Tensor = dataclasses.field(repr=False)
+    logp: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)  # exact log p of the samples (class A)
+
+    @classmethod
+    def scored(cls, method: str, guidance: float, samples: torch.Tensor, reference: torch.Tensor, threshold: float):
+        """The samples scored against class A; their exact log p is computed once and kept (the figure reuses it)."""
+        logp = tree_mixture("A").log_prob(samples)
+        return cls(method, guidance, score_samples(samples, reference, threshold=threshold, logp=logp), samples, logp)
 
     def row(self) -> Dict[str, object]:
         return {"guidance": self.guidance, **self.metrics}
@@ -390,14 +412,14 @@ def run(
     # (the best any sampler can do at this n, since k-NN precision and recall are below 1 even there).
     reference = dist.sample(n, generator=torch.Generator().manual_seed(10_000 + seed))
     exact = dist.sample(n, generator=torch.Generator().manual_seed(20_000 + seed))
-    data = MethodResult("exact", float("nan"), score_samples(exact, reference, threshold=threshold), exact)
+    data = MethodResult.scored("exact", float("nan"), exact, reference, threshold)
     plan = ([("none", 1.0)] + [("cfg", w) for w in sorted(set(cfg_weights) | {CFG_WEIGHT})]
             + [("autoguidance", w) for w in sorted(set(ag_weights) | {AG_WEIGHT})])
     sweep = []
     for method, w in plan:
         gnet = models[GUIDES[method]] if GUIDES[method] else None
         x = sample(models["main"], gnet, w, n, seed=seed, device=device, backend=backend, num_steps=num_steps)
-        result = MethodResult(method, w, score_samples(x, reference, threshold=threshold), x)
+        result = MethodResult.scored(method, w, x, reference, threshold)
         sweep.append(result)
         if log is not None:
             log(result)
@@ -442,7 +464,7 @@ def plot(experiment: Experiment, path: Union[str, Path], *, max_points: int = 81
                              gridspec_kw={"height_ratios": [1.0, 1.25]})
     for col, (title, result) in enumerate(panels):
         pts = result.samples[:max_points]
-        out = dist.log_prob(pts) < experiment.threshold
+        out = (dist.log_prob(pts) if result.logp is None else result.logp[:max_points]) < experiment.threshold
         for row, ((x0, x1, y0, y1), logp, size) in enumerate(views):
             ax = axes[row][col]
             # The class-A density on a log scale (its top 8 nats) under the samples; outliers
