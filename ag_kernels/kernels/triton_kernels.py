@@ -181,6 +181,13 @@ def _geometry(out, any_vec):
     return out.numel(), block, num_warps, out.shape[0] if (any_vec and out.dim() > 0) else 1
 
 
+def _device_guard(out):
+    # Triton launches on the current device (its stream and context): tensors on another GPU get
+    # that device made current for the launch; the usual call, on the current device, skips the guard.
+    other_device = out.is_cuda and out.device.index != torch.cuda.current_device()
+    return torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
+
+
 def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
     if out.numel() == 0:
         return
@@ -199,10 +206,7 @@ def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn
     else:
         blocks_per_row = 1
         grid = (triton.cdiv(n, block),)
-    # Triton launches on the current device (its stream and context): tensors on another GPU get
-    # that device made current for the launch; the usual call, on the current device, skips the guard.
-    other_device = out.is_cuda and out.device.index != torch.cuda.current_device()
-    guard = torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
+    guard = _device_guard(out)
     # Unused pointer arguments get a valid tensor so the launch signature stays the same.
     dummy = out
     kernel = _guided_step_kernel if INTERPRET else torch.library.wrap_triton(_guided_step_kernel)
@@ -279,13 +283,14 @@ def triton_multistep_step(
         return
     n, block, num_warps, rows = _geometry(out, g_vec is not None)
     kernel = _multistep_kernel if INTERPRET else torch.library.wrap_triton(_multistep_kernel)
-    kernel[(triton.cdiv(n, block),)](
-        out, history, x, d_main, d_guide if d_guide is not None else out,
-        g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
-        float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
-        HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
-        WRITE=write >= 0, BLOCK=block, num_warps=num_warps,
-    )
+    with _device_guard(out):
+        kernel[(triton.cdiv(n, block),)](
+            out, history, x, d_main, d_guide if d_guide is not None else out,
+            g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
+            float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
+            HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
+            WRITE=write >= 0, BLOCK=block, num_warps=num_warps,
+        )
 
 
 if triton is not None:
