@@ -72,4 +72,7 @@ TORCH_LIBRARY(ag_kernels, m) {
   m.def(
       "guided_score(Tensor(a!) out, Tensor x, Tensor d_main, Tensor? d_guide, Tensor? g_vec, Tensor? s_vec, "
       "float g, float s) -> ()");
+  m.def(
+      "multistep_step(Tensor(a!) out, Tensor(b!) history, Tensor x, Tensor d_main, Tensor? d_guide, Tensor? g_vec, "
+      "float g, float a, float b0, float b1, float b2, int read1, int read2, int write) -> ()");
 }

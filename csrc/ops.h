@@ -1,4 +1,4 @@
-// The four op entry points, written once and instantiated per device backend.
+// The five op entry points, written once and instantiated per device backend.
 //
 // A backend is a type with `template <int OP> static void run(const StepArgs&)`; the signatures
 // below match the schemas in ag_kernels.cpp (and the Triton ops' schemas, see ag_kernels/ops.py).
@@ -37,15 +37,23 @@ struct StepOps {
     Backend::template run<kScore>(make_step_args("guided_score", out, &x, "x", nullptr, d_main, d_guide, g_vec, s_vec,
                                                  std::nullopt, g, s, 1.0));
   }
+
+  static void multistep_step(at::Tensor& out, at::Tensor& history, const at::Tensor& x, const at::Tensor& d_main,
+                             const OptTensor& d_guide, const OptTensor& g_vec, double g, double a, double b0,
+                             double b1, double b2, int64_t read1, int64_t read2, int64_t write) {
+    Backend::template run<kMultistep>(
+        make_multistep_args(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write));
+  }
 };
 
-// Registers the four ops of `Backend` for one dispatch key.
+// Registers the five ops of `Backend` for one dispatch key.
 #define AG_KERNELS_REGISTER_STEP_OPS(m, Backend)                           \
   do {                                                                     \
     m.impl("guided_denoise", &::ag_kernels::StepOps<Backend>::guided_denoise); \
     m.impl("euler_step", &::ag_kernels::StepOps<Backend>::euler_step);     \
     m.impl("heun_step", &::ag_kernels::StepOps<Backend>::heun_step);       \
     m.impl("guided_score", &::ag_kernels::StepOps<Backend>::guided_score); \
+    m.impl("multistep_step", &::ag_kernels::StepOps<Backend>::multistep_step); \
   } while (0)
 
 }  // namespace ag_kernels

@@ -109,4 +109,38 @@ StepArgs make_step_args(
   return a;
 }
 
+StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
+                             const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
+                             const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
+                             double b2, int64_t read1, int64_t read2, int64_t write) {
+  const char* op = "multistep_step";
+  StepArgs args = make_step_args(op, out, &x, "x", nullptr, d_main, d_guide, g_vec, std::nullopt, std::nullopt, g,
+                                 1.0, 1.0);
+  TORCH_CHECK(out.is_contiguous(), "ag_kernels::", op, ": out must be contiguous, got strides ", out.strides());
+  TORCH_CHECK(history.device() == out.device(), "ag_kernels::", op, ": history is on ", history.device(),
+              " but out is on ", out.device());
+  TORCH_CHECK_TYPE(history.scalar_type() == out.scalar_type(), "ag_kernels::", op, ": history must have out's dtype ",
+                   out.scalar_type(), ", got ", history.scalar_type());
+  TORCH_CHECK(history.dim() == out.dim() + 1 && history.size(0) >= 1 && history.sizes().slice(1) == out.sizes(),
+              "ag_kernels::", op, ": history must have shape (K, *out.shape) with K >= 1, got ", history.sizes());
+  TORCH_CHECK(history.is_contiguous(), "ag_kernels::", op, ": history must be contiguous, got strides ",
+              history.strides());
+  const int64_t slots = history.size(0);
+  const int64_t slot[3] = {read1, read2, write};
+  const char* names[3] = {"read1", "read2", "write"};
+  for (int k = 0; k < 3; ++k) {
+    TORCH_CHECK(slot[k] >= -1 && slot[k] < slots, "ag_kernels::", op, ": ", names[k],
+                " must be a history slot in [0, ", slots, ") or -1 (none), got ", slot[k]);
+  }
+  args.ms.a = a;
+  args.ms.b0 = b0;
+  args.ms.b1 = read1 >= 0 ? b1 : 0.0;
+  args.ms.b2 = read2 >= 0 ? b2 : 0.0;
+  args.ms.history = history.data_ptr();
+  args.ms.read1 = read1;
+  args.ms.read2 = read2;
+  args.ms.write = write;
+  return args;
+}
+
 }  // namespace ag_kernels

@@ -22,6 +22,7 @@ struct StepArgs {
   DType d_main_type = DType::kFloat;
   DType d_guide_type = DType::kFloat;
   Coefficients coef;
+  Multistep ms;  // multistep_step only
 };
 
 // Checks every argument (naming it in the error) and returns the raw view the kernels use.
@@ -30,5 +31,12 @@ StepArgs make_step_args(
     const char* op, const at::Tensor& out, const at::Tensor* x, const char* x_name, const at::Tensor* x_euler,
     const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide, const std::optional<at::Tensor>& g_vec,
     const std::optional<at::Tensor>& s_vec, const std::optional<at::Tensor>& sn_vec, double g, double s, double sn);
+
+// make_step_args for multistep_step, plus its history (contiguous [K, *out.shape] in out's dtype; out
+// contiguous) and slots (-1: none).
+StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
+                             const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
+                             const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
+                             double b2, int64_t read1, int64_t read2, int64_t write);
 
 }  // namespace ag_kernels

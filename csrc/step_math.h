@@ -15,7 +15,7 @@
 namespace ag_kernels {
 
 // Op codes, as the template parameter OP of every backend.
-enum Op : int { kDenoise = 0, kEuler = 1, kHeun = 2, kScore = 3 };
+enum Op : int { kDenoise = 0, kEuler = 1, kHeun = 2, kScore = 3, kMultistep = 4 };
 
 // Element types of the network outputs and per-sample coefficient tensors.
 enum class DType : int8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
@@ -75,16 +75,45 @@ C10_HOST_DEVICE RowConstants<T> row_constants(const Coefficients& c, int64_t row
   return r;
 }
 
+// The guided denoiser D_w of one element; D_1/D_0 are already in T.
+template <bool HAS_GUIDE, typename V, typename T>
+C10_HOST_DEVICE V guided_value(const RowConstants<T>& r, V D_1, V D_0) {
+  if constexpr (HAS_GUIDE) {
+    // Two-sided lerp, as torch.lerp: w = 1 gives D_1 exactly (no guidance), and both ends stay accurate.
+    const V diff = D_1 - D_0;
+    return r.lerp_from_guide ? D_0 + V(r.w) * diff : D_1 - diff * V(r.one_minus_w);
+  } else {
+    return D_1;
+  }
+}
+
+// The coefficients of a linear multistep update (DPM-Solver++, Lu et al. 2022), formed on the host in
+// double, and where the history lives: x_next = a x + b0 D_w + b1 H[read1] + b2 H[read2]; H[write] = D_w.
+struct Multistep {
+  double a = 0, b0 = 0, b1 = 0, b2 = 0;
+  void* history = nullptr;  // [K, numel] in the compute dtype, contiguous
+  int64_t read1 = -1, read2 = -1, write = -1;  // slots; -1: none
+};
+
+template <typename T>
+struct MultistepConstants {
+  T a, b0, b1, b2;
+  C10_HOST_DEVICE explicit MultistepConstants(const Multistep& m)
+      : a(static_cast<T>(m.a)), b0(static_cast<T>(m.b0)), b1(static_cast<T>(m.b1)), b2(static_cast<T>(m.b2)) {}
+};
+
+// x_next of a multistep update, summed left to right as the torch reference does; a history slot
+// that is not read enters as 0 with coefficient 0.
+template <typename V, typename T>
+C10_HOST_DEVICE V multistep_value(const MultistepConstants<T>& m, V x, V D_w, V h1, V h2) {
+  return ((V(m.a) * x + V(m.b0) * D_w) + V(m.b1) * h1) + V(m.b2) * h2;
+}
+
 // One step on values of type V: T itself on both devices (the CPU loop is vectorized by the compiler).
 // x is x_hat (x for the score), xe is x_euler (Heun only); D_1/D_0 are already in T.
 template <int OP, bool HAS_GUIDE, typename V, typename T>
 C10_HOST_DEVICE V step_value(const RowConstants<T>& r, V x, V xe, V D_1, V D_0) {
-  V D_w = D_1;
-  if constexpr (HAS_GUIDE) {
-    // Two-sided lerp, as torch.lerp: w = 1 gives D_1 exactly (no guidance), and both ends stay accurate.
-    const V diff = D_1 - D_0;
-    D_w = r.lerp_from_guide ? D_0 + V(r.w) * diff : D_1 - diff * V(r.one_minus_w);
-  }
+  const V D_w = guided_value<HAS_GUIDE>(r, D_1, D_0);
   if constexpr (OP == kDenoise) {
     return D_w;
   } else if constexpr (OP == kEuler) {

@@ -12,7 +12,7 @@ like the reference.  The backward formulas are plain PyTorch, so they differenti
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,21 @@ def guided_score(backend: str, x: Tensor, d_main: Tensor, d_guide: Optional[Tens
     return _forward("guided_score", backend, x, x.dtype, [x, d_main, d_guide], [(g, g_vec), (s, s_vec)])
 
 
+@torch.library.custom_op("ag_kernels_ad::multistep_step", mutates_args=())
+def multistep_step(backend: str, x: Tensor, d_main: Tensor, d_guide: Optional[Tensor], h1: Optional[Tensor],
+                   h2: Optional[Tensor], g_vec: Optional[Tensor], g: float, a: float, b0: float, b1: float,
+                   b2: float) -> Tuple[Tensor, Tensor]:
+    # The kernel reads and writes a history: here a fresh one, [D_{i-1}, D_{i-2}, D_w].
+    history = torch.empty((3,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    for k, h in enumerate((h1, h2)):
+        if h is not None:
+            history[k].copy_(h)
+    slots = (0 if h1 is not None else -1, 1 if h2 is not None else -1, 2)
+    x_next = _run_kernel("multistep_step", backend, x, x.dtype, None, [x, d_main, d_guide], [(g, g_vec)],
+                         (history,), (a, b0, b1, b2) + slots)
+    return x_next, history[2].clone()
+
+
 @guided_denoise.register_fake
 def _(backend, d_main, d_guide, g_vec, g, dtype):
     return _fake(d_main, dtype, (g_vec,))
@@ -76,6 +91,12 @@ def _(backend, x_hat, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
 @guided_score.register_fake
 def _(backend, x, d_main, d_guide, g_vec, s_vec, g, s):
     return _fake(x, x.dtype, (g_vec, s_vec))
+
+
+@multistep_step.register_fake
+def _(backend, x, d_main, d_guide, h1, h2, g_vec, g, a, b0, b1, b2):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------- derivatives
@@ -177,19 +198,48 @@ def _score_backward(ctx, grad):
     return None, grad_x, gm, gg, gw, gs, None, None
 
 
+def _multistep_setup(ctx, inputs, output):
+    # Only what the derivative reads: the history slots are overwritten in place by the step itself.
+    backend, x, d_main, d_guide, h1, h2, g_vec, g, a, b0, b1, b2 = inputs
+    ctx.save_for_backward(d_main, d_guide, g_vec)
+    ctx.scalars = (x.dtype, g, a, b0, b1, b2)
+
+
+def _multistep_backward(ctx, grad, grad_D):
+    d_main, d_guide, g_vec = ctx.saved_tensors
+    dt, g, a, b0, b1, b2 = ctx.scalars
+    n = ctx.needs_input_grad
+    W = _coef(g, g_vec, grad)
+    # x_next = a x + b0 D + b1 h1 + b2 h2, and D itself is the second output.
+    grad_D_total = grad * b0 if grad_D is None else grad * b0 + grad_D
+    gm, gg, gw = _through_denoiser(grad_D_total, d_main, d_guide, g_vec, W, dt, (n[2], n[3], n[6]))
+    return (None, grad * a if n[1] else None, gm, gg, grad * b1 if n[4] else None, grad * b2 if n[5] else None, gw,
+            None, None, None, None, None)
+
+
 guided_denoise.register_autograd(_denoise_backward, setup_context=_setup)
 euler_step.register_autograd(_euler_backward, setup_context=_setup)
 heun_step.register_autograd(_heun_backward, setup_context=_setup)
 guided_score.register_autograd(_score_backward, setup_context=_setup)
 
+multistep_step.register_autograd(_multistep_backward, setup_context=_multistep_setup)
+
 OPS = {"guided_denoise": guided_denoise, "euler_step": euler_step, "heun_step": heun_step,
        "guided_score": guided_score}
 
 
-def apply(name: str, backend: str, out_dtype, tensors, params) -> Tensor:
+def apply(name: str, backend: str, out_dtype, tensors, params, lead=(), trail=()) -> Tensor:
     """The differentiable op ``name`` on the checked operands of a public op (see ops._dispatch)."""
     vecs = [v for _, v in params]
     scalars = [1.0 if s is None else s for s, _ in params]
+    if name == "multistep_step":
+        # The history update is an in-place copy of the op's second output, which autograd records.
+        (history,), (a, b0, b1, b2, read1, read2, write) = lead, trail
+        h1, h2 = (None if r < 0 else history[r] for r in (read1, read2))
+        x_next, D_w = multistep_step(backend, *tensors, h1, h2, vecs[0], scalars[0], a, b0, b1, b2)
+        if write >= 0:
+            history[write].copy_(D_w)
+        return x_next
     if name == "guided_denoise":
         d_main, d_guide = tensors
         return guided_denoise(backend, d_main, d_guide, vecs[0], scalars[0], out_dtype)

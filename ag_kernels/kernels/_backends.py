@@ -11,7 +11,7 @@ import torch
 from ._fake import noop_fake
 
 BACKENDS = ("torch", "triton", "ext")
-EXT_OPS = ("guided_denoise", "euler_step", "heun_step", "guided_score")
+EXT_OPS = ("guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step")
 
 _EXT_ERROR: Optional[str] = None
 _ext = None

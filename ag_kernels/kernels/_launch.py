@@ -69,12 +69,17 @@ def _in_layout(t: Optional[torch.Tensor], strides) -> Optional[torch.Tensor]:
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params):
-    """The kernel backend ``chosen`` computes op ``name`` into ``out`` (or a new tensor), laying out operands."""
+def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead=(), trail=()):
+    """The kernel backend ``chosen`` computes op ``name`` into ``out`` (or a new tensor), laying out operands.
+
+    ``lead``: tensors the op takes right after ``out`` as they are (the multistep history, which it
+    updates in place: contiguous, so the operands are laid out contiguously too); ``trail``: the
+    op's arguments after the coefficients.
+    """
     if ref.numel() == 0:
         return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
     per_sample = any(v is not None for _, v in params)
-    strides = _kernel_layout(ref, per_sample)
+    strides = _contiguous_strides(ref.shape) if lead else _kernel_layout(ref, per_sample)
     operands = [_in_layout(t, strides) for t in tensors]
     target = out
     if out is None or torch.compiler.is_compiling():
@@ -87,10 +92,13 @@ def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params):
             # Reading and writing the same element is safe; a shifted or re-strided alias is not.
             if t is not None and _shares_storage(out, t) and not _same_view(out, t):
                 target = None
+        if any(_shares_storage(out, t) for t in lead):
+            target = None
     if target is None:
         target = torch.empty_strided(ref.shape, strides, dtype=out_dtype, device=ref.device)
 
-    _kernel_op(chosen, name)(target, *operands, *[v for _, v in params], *[1.0 if s is None else s for s, _ in params])
+    _kernel_op(chosen, name)(target, *lead, *operands, *[v for _, v in params],
+                             *[1.0 if s is None else s for s, _ in params], *trail)
 
     if out is None:
         return target

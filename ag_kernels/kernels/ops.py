@@ -30,6 +30,8 @@ Argument rules shared by every op:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,9 +39,10 @@ import torch
 from . import reference
 from ._backends import EXT_OPS, available_backends, resolve_backend
 from ._checks import D_DTYPES, X_DTYPES, _batch, _check_inputs, _check_tensor, _dtype_names, _guidance, _param
-from ._launch import _kernel_op, _run_kernel
+from ._launch import _kernel_op, _run_kernel, _shares_storage
 
-__all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "available_backends", "PreparedSteps"]
+__all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step", "available_backends",
+           "PreparedSteps"]
 
 
 # --------------------------------------------------------------------------- fast path
@@ -167,13 +170,14 @@ def _needs_grad(tensors, params) -> bool:
         v is not None and v.requires_grad for _, v in params)
 
 
-def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn):
+def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn, lead=(), trail=()):
     """Run op ``name`` on the chosen backend; return ``out`` or a new tensor.
 
     ``ref``: the tensor giving shape, device and layout (x, or d_main for guided_denoise);
     ``tensors``: the op's tensor operands in kernel order (x, [x_euler], d_main, d_guide);
     ``params``: the normalized (scalar, vector) pairs of guidance[, sigma[, sigma_next]];
-    ``reference_fn``: computes the result with the PyTorch reference.
+    ``reference_fn``: computes the result with the PyTorch reference;
+    ``lead``/``trail``: the multistep op's history and its coefficients and slots (see _run_kernel).
     """
     grad = _needs_grad(tensors, params)
     if out is not None:
@@ -201,8 +205,8 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn)
     if grad:
         from . import _autograd
 
-        return _autograd.apply(name, chosen, out_dtype, tensors, params)
-    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params)
+        return _autograd.apply(name, chosen, out_dtype, tensors, params, lead, trail)
+    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -394,6 +398,91 @@ def guided_score(
     )
 
 
+def multistep_step(
+    x: torch.Tensor,
+    d_main: torch.Tensor,
+    d_guide: Optional[torch.Tensor],
+    guidance,
+    history: torch.Tensor,
+    a,
+    b,
+    *,
+    read=(),
+    write: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One step of a linear multistep solver (data-prediction form) with the guided denoiser.
+
+    Computes ``x_next = a x + b[0] D_w + b[1] history[read[0]] + b[2] history[read[1]]`` (summed in
+    that order) with D_w = d_guide + guidance * (d_main - d_guide), then stores D_w in
+    ``history[write]``: the history the next step reads.  DPM-Solver++(2M)/(3M) (Lu et al. 2022)
+    and Euler are of this form; :mod:`ag_kernels.sampling` forms their coefficients per step.
+    Every history slot is read before D_w is written, so ``write`` may be one of ``read``.
+
+    Args:
+        x: the sample at the step's noise level (float32/float64).
+        d_main, d_guide: the networks' outputs at x; d_guide=None for no guidance.
+        guidance: the weight w (number or per-sample tensor [B]).
+        history: the earlier denoised outputs, a contiguous tensor [K, *x.shape] in x's dtype, K >= 1,
+            updated in place; slots that are not read may hold anything (they are not read).
+        a: the coefficient of x (a real number).
+        b: 1 to 3 real numbers: the coefficients of D_w and of the slots in ``read``.
+        read: len(b) - 1 slot indices into history.
+        write: the slot that receives D_w, or None.
+        out: optional result tensor (x's shape and dtype); may be ``x`` itself, not history.
+        backend: "auto", "torch", "triton" or "ext".
+
+    Returns:
+        x_next, as a new tensor or in ``out``.
+    """
+    _check_inputs("x", x, d_main, d_guide)
+    _check_tensor("history", history, (x.dtype,))
+    if history.dim() != x.dim() + 1 or history.shape[1:] != x.shape or history.shape[0] < 1:
+        raise ValueError(f"history must have shape (K, *x.shape) = (K, {', '.join(map(str, x.shape))}) with K >= 1, "
+                         f"got {tuple(history.shape)}")
+    if history.device != x.device:
+        raise ValueError(f"history is on {history.device} but x is on {x.device}; put them on one device")
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous (it is updated in place, one slot per earlier step)")
+    for name, t in (("x", x), ("d_main", d_main), ("d_guide", d_guide), ("out", out)):
+        if isinstance(t, torch.Tensor) and t.numel() and history.numel() and _shares_storage(t, history):
+            raise ValueError(f"{name} shares memory with history; pass a separate tensor")
+    slots = history.shape[0]
+    a = _coefficient("a", a)
+    if not isinstance(b, (tuple, list)) or not 1 <= len(b) <= 3:
+        raise TypeError(f"b must be a tuple of 1 to 3 real numbers, got {b!r}")
+    b = tuple(_coefficient(f"b[{k}]", v) for k, v in enumerate(b))
+    if not isinstance(read, (tuple, list)) or len(read) != len(b) - 1:
+        raise ValueError(f"read must name len(b) - 1 = {len(b) - 1} history slots, got {read!r}")
+    for name, k in [(f"read[{j}]", r) for j, r in enumerate(read)] + ([("write", write)] if write is not None else []):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < slots:
+            raise ValueError(f"{name} must be a history slot, an int in [0, {slots}), got {k!r}")
+    batch, device = _batch(x), x.device
+    d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    coefficients = (a,) + b + (0.0,) * (3 - len(b))
+    slots_used = tuple(int(r) for r in read) + (-1,) * (2 - len(read)) + (-1 if write is None else int(write),)
+
+    def reference_fn():
+        x_next, D_w = reference.torch_multistep_step(x, d_main, d_guide, _value(g), a, b, [history[r] for r in read])
+        if write is not None:
+            history[write].copy_(D_w)
+        return x_next
+
+    return _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
+                     lead=(history,), trail=coefficients + slots_used)
+
+
+def _coefficient(name: str, value) -> float:
+    """A multistep coefficient: a finite real number (the solver forms it on the host, in float64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _value(param):
     """The (scalar, vector) pair as the reference takes it: the vector if any, else the number."""
     scalar, vec = param
@@ -452,6 +541,19 @@ class PreparedSteps:
             self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
             return out
         return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
+
+
+    def multistep(self, x, d_main, d_guide, w, history, step, out: torch.Tensor) -> torch.Tensor:
+        """``out`` = the multistep update ``step`` (a, b, read, write: see :func:`multistep_step`) from x."""
+        kernel = None if self._kernels is None else self._kernels.get("multistep_step")
+        if kernel is not None and self._direct(out, (x, d_main, d_guide)):
+            g, g_vec = _weight(d_guide, w)
+            b = step.b + (0.0,) * (3 - len(step.b))
+            read = step.read + (-1,) * (2 - len(step.read))
+            kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write)
+            return out
+        return multistep_step(x, d_main, d_guide, w, history, step.a, step.b, read=step.read, write=step.write,
+                              out=out, backend=self.backend)
 
 
 def _weight(d_guide, w):

@@ -23,7 +23,9 @@ __all__ = [
     "torch_euler_step",
     "torch_heun_step",
     "torch_guided_score",
+    "torch_multistep_step",
     "torch_edm_sampler",
+    "torch_multistep_sampler",
 ]
 
 
@@ -71,6 +73,17 @@ def torch_guided_score(x, d_main, d_guide, guidance, sigma):
     D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype)
     sigma = per_sample(sigma, x)
     return (D_w - x) / (sigma * sigma)
+
+
+def torch_multistep_step(x, d_main, d_guide, guidance, a, b, previous):
+    """A linear multistep update in data-prediction form: (x_next, D_w) with
+    x_next = a x + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2} (``previous`` = [D_{i-1}, D_{i-2}][:len(b) - 1]),
+    summed left to right, as every backend does; DPM-Solver++ (Lu et al. 2022) is of this form."""
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype)
+    x_next = a * x + b[0] * D_w
+    for b_k, D_k in zip(b[1:], previous):
+        x_next = x_next + b_k * D_k
+    return x_next, D_w
 
 
 def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
@@ -123,4 +136,60 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
             slope_next = (x_next - guided_denoiser(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * slope + 0.5 * slope_next)
         x = x_next
+    return x
+
+
+def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
+                            guidance=1, dtype=torch.float32, solver="dpmpp_2m"):
+    """DPM-Solver++(2M) or (3M) (Lu et al. 2022) on the guided denoiser, in the paper's notation: the oracle.
+
+    lambda = -log sigma, h = lambda_next - lambda; x_next = (sigma_next / sigma) x - expm1(-h) D', with
+    D' = D_w (first order: the first step, and the last one, which lands on sigma = 0: x_next = D_w);
+    2M: D' = (1 + 1/(2r)) D_w - D_prev / (2r), r = h_prev / h; 3M: the first-order update plus
+    phi_2 d1 - phi_3 d2 from the divided differences of the last three outputs.  One evaluation of
+    D_w per schedule point, t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0.
+    """
+
+    def guided_denoiser(x, t):
+        d_main = net(x, t, labels).to(dtype)
+        if guidance == 1:
+            return d_main
+        return gnet(x, t, labels).to(dtype).lerp(d_main, guidance)
+
+    i = torch.arange(num_steps, dtype=dtype, device=noise.device)
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=dtype, device=noise.device)])
+
+    x = noise.to(dtype) * sigmas[0]
+    D_prev = []  # earlier outputs, newest first
+    h_prev = []
+    for step in range(num_steps):
+        t, t_next = float(sigmas[step]), float(sigmas[step + 1])
+        D = guided_denoiser(x, sigmas[step])
+        if t_next == 0:
+            x = D
+        else:
+            h = math.log(t / t_next)
+            x_first = (t_next / t) * x - math.expm1(-h) * D
+            if not D_prev:
+                x = x_first
+            elif solver == "dpmpp_2m":
+                r = h_prev[0] / h
+                x = (t_next / t) * x - math.expm1(-h) * ((1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev[0])
+            else:
+                phi_2 = math.expm1(-h) / h + 1
+                r0 = h_prev[0] / h
+                d1_0 = (D - D_prev[0]) / r0
+                if len(D_prev) == 1:
+                    x = x_first + phi_2 * d1_0
+                else:
+                    r1 = h_prev[1] / h
+                    d1_1 = (D_prev[0] - D_prev[1]) / r1
+                    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    phi_3 = phi_2 / h - 0.5
+                    x = x_first + phi_2 * d1 - phi_3 * d2
+            h_prev = [h] + h_prev[:1]
+        D_prev = [D] + D_prev[:1]
     return x

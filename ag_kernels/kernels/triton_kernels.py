@@ -53,6 +53,52 @@ if triton is not None:
         return c
 
     @triton.jit
+    def _guided(dm_ptr, dg_ptr, offs, mask, w, dtype, HAS_GUIDE: tl.constexpr):
+        # D_w = D_0 + w (D_1 - D_0), evaluated as torch.lerp does (two-sided), so that w = 1 gives
+        # D_1 exactly (no guidance, Karras et al. 2024 Eq. 1) and both ends stay accurate.
+        D_1 = tl.load(dm_ptr + offs, mask=mask).to(dtype)
+        if HAS_GUIDE:
+            D_0 = tl.load(dg_ptr + offs, mask=mask).to(dtype)
+            diff = D_1 - D_0
+            lo = D_0 + w.to(dtype) * diff
+            hi = D_1 - diff * (1.0 - w).to(dtype)
+            D_w = tl.where(w < 0.5, lo, hi)
+        else:
+            D_w = D_1
+        return D_w
+
+    @triton.jit
+    def _multistep_kernel(
+        out_ptr, hist_ptr, x_ptr, dm_ptr, dg_ptr, g_ptr, g_stride, g_val: tl.float64,
+        a_val: tl.float64, b0_val: tl.float64, b1_val: tl.float64, b2_val: tl.float64,
+        read1, read2, write, n_elements, row_numel,
+        HAS_GUIDE: tl.constexpr, G_VEC: tl.constexpr, READ1: tl.constexpr, READ2: tl.constexpr,
+        WRITE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # A linear multistep update (DPM-Solver++, Lu et al. 2022): x_next = a x + b0 D_w + b1 H[read1]
+        # + b2 H[read2], summed in that order as the torch reference; then H[write] = D_w.  64-bit offsets.
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n_elements
+        dtype = out_ptr.dtype.element_ty
+        w = tl.full((), g_val, tl.float64)
+        if G_VEC:
+            w = _load_coefficient(g_ptr, g_stride, offs // row_numel, mask, True)
+        D_w = _guided(dm_ptr, dg_ptr, offs, mask, w, dtype, HAS_GUIDE)
+        x = tl.load(x_ptr + offs, mask=mask)
+        result = tl.full((), a_val, tl.float64).to(dtype) * x + tl.full((), b0_val, tl.float64).to(dtype) * D_w
+        # Both slots are read before D_w is written: the write slot may be a read one.
+        if READ1:
+            h1 = tl.load(hist_ptr + read1.to(tl.int64) * n_elements + offs, mask=mask)
+            result = result + tl.full((), b1_val, tl.float64).to(dtype) * h1
+        if READ2:
+            h2 = tl.load(hist_ptr + read2.to(tl.int64) * n_elements + offs, mask=mask)
+            result = result + tl.full((), b2_val, tl.float64).to(dtype) * h2
+        tl.store(out_ptr + offs, result.to(dtype), mask=mask)
+        if WRITE:
+            tl.store(hist_ptr + write.to(tl.int64) * n_elements + offs, D_w.to(dtype), mask=mask)
+
+    @triton.jit
     def _guided_step_kernel(
         out_ptr, x_ptr, xe_ptr, dm_ptr, dg_ptr,
         g_ptr, g_stride, s_ptr, s_stride, sn_ptr, sn_stride,
@@ -92,18 +138,7 @@ if triton is not None:
         if SN_VEC:
             sn = _load_coefficient(sn_ptr, sn_stride, row, mask, ROWS == 2)
 
-        # D_w = D_0 + w (D_1 - D_0), evaluated as torch.lerp does (two-sided), so that w = 1 gives
-        # D_1 exactly (no guidance, Karras et al. 2024 Eq. 1) and both ends stay accurate.
-        D_1 = tl.load(dm_ptr + offs, mask=mask).to(dtype)
-        if HAS_GUIDE:
-            D_0 = tl.load(dg_ptr + offs, mask=mask).to(dtype)
-            diff = D_1 - D_0
-            wc = w.to(dtype)
-            lo = D_0 + wc * diff
-            hi = D_1 - diff * (1.0 - w).to(dtype)
-            D_w = tl.where(w < 0.5, lo, hi)
-        else:
-            D_w = D_1
+        D_w = _guided(dm_ptr, dg_ptr, offs, mask, w, dtype, HAS_GUIDE)
 
         if OP == 0:
             result = D_w
@@ -128,6 +163,7 @@ if triton is not None:
 else:  # pragma: no cover
     INTERPRET = False
     _guided_step_kernel = None
+    _multistep_kernel = None
 
 
 def _block_config(device: torch.device):
@@ -137,15 +173,26 @@ def _block_config(device: torch.device):
     return 2048, 8
 
 
-def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
-    n = out.numel()
-    if n == 0:
-        return
+def _geometry(out, any_vec):
+    """(elements, BLOCK, num_warps, rows with their own coefficients) of a launch writing ``out``."""
     if not out.is_cuda and not INTERPRET:
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     block, num_warps = _block_config(out.device)
+    return out.numel(), block, num_warps, out.shape[0] if (any_vec and out.dim() > 0) else 1
+
+
+def _device_guard(out):
+    # Triton launches on the current device (its stream and context): tensors on another GPU get
+    # that device made current for the launch; the usual call, on the current device, skips the guard.
+    other_device = out.is_cuda and out.device.index != torch.cuda.current_device()
+    return torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
+
+
+def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+    if out.numel() == 0:
+        return
     any_vec = g_vec is not None or s_vec is not None or sn_vec is not None
-    rows = out.shape[0] if (any_vec and out.dim() > 0) else 1
+    n, block, num_warps, rows = _geometry(out, any_vec)
     row_numel = n // rows
     if not any_vec:
         mode = ROWS_NONE
@@ -159,10 +206,7 @@ def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn
     else:
         blocks_per_row = 1
         grid = (triton.cdiv(n, block),)
-    # Triton launches on the current device (its stream and context): tensors on another GPU get
-    # that device made current for the launch; the usual call, on the current device, skips the guard.
-    other_device = out.is_cuda and out.device.index != torch.cuda.current_device()
-    guard = torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
+    guard = _device_guard(out)
     # Unused pointer arguments get a valid tensor so the launch signature stays the same.
     dummy = out
     kernel = _guided_step_kernel if INTERPRET else torch.library.wrap_triton(_guided_step_kernel)
@@ -184,13 +228,13 @@ def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn
         )
 
 
-def _register(name, fn):
+def _register(name, fn, mutates=("out",)):
     """Register ``fn`` (which mutates ``out``) as ``ag_kernels_triton::<name>`` with a no-op fake."""
     qualname = f"ag_kernels_triton::{name}"
     if INTERPRET:
-        op = torch.library.custom_op(qualname, fn, mutates_args={"out"})
+        op = torch.library.custom_op(qualname, fn, mutates_args=set(mutates))
     else:
-        op = torch.library.triton_op(qualname, fn, mutates_args={"out"})
+        op = torch.library.triton_op(qualname, fn, mutates_args=set(mutates))
     op.register_fake(noop_fake)  # the same no-op fake as the extension's ops
     return op
 
@@ -229,8 +273,29 @@ def triton_guided_score(
     _launch(OP_SCORE, out, x, None, d_main, d_guide, g_vec, s_vec, None, g, s, 1.0)
 
 
+def triton_multistep_step(
+    out: torch.Tensor, history: torch.Tensor, x: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
+    g_vec: Optional[torch.Tensor], g: float, a: float, b0: float, b1: float, b2: float, read1: int, read2: int,
+    write: int,
+) -> None:
+    """out = a x + b0 D_w + b1 history[read1] + b2 history[read2]; history[write] = D_w (slot -1: none)."""
+    if out.numel() == 0:
+        return
+    n, block, num_warps, rows = _geometry(out, g_vec is not None)
+    kernel = _multistep_kernel if INTERPRET else torch.library.wrap_triton(_multistep_kernel)
+    with _device_guard(out):
+        kernel[(triton.cdiv(n, block),)](
+            out, history, x, d_main, d_guide if d_guide is not None else out,
+            g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
+            float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
+            HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
+            WRITE=write >= 0, BLOCK=block, num_warps=num_warps,
+        )
+
+
 if triton is not None:
     guided_denoise_op = _register("guided_denoise", triton_guided_denoise)
     euler_step_op = _register("euler_step", triton_euler_step)
     heun_step_op = _register("heun_step", triton_heun_step)
     guided_score_op = _register("guided_score", triton_guided_score)
+    multistep_step_op = _register("multistep_step", triton_multistep_step, ("out", "history"))

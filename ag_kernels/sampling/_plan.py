@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+
+# History length (earlier denoised outputs kept) of each multistep solver: its order minus one.
+MULTISTEP = {"dpmpp_2m": 1, "dpmpp_3m": 2}
 
 
 def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float, *, dtype=torch.float32,
@@ -40,6 +43,64 @@ class _Step:
     t_next_host: float
     churn: Optional[torch.Tensor]  # sqrt(t_hat^2 - t_cur^2) * S_noise (0-d), where churned
     heun: bool                     # Heun's correction follows the Euler step
+    multistep: Optional["_Multistep"] = None  # a multistep solver's update, else None
+
+
+@dataclass
+class _Multistep:
+    """A multistep update x_next = a x + b[0] D_w + b[1] H[read[0]] + b[2] H[read[1]], then H[write] = D_w.
+
+    H is the run's history of earlier denoised outputs, a ring of ``len`` slots: the output of step
+    i lives in slot i % len, so no step moves the history, it only overwrites its oldest entry.
+    """
+
+    a: float
+    b: Tuple[float, ...]
+    read: Tuple[int, ...]
+    write: int
+
+
+def _dpmpp_coefficients(solver: str, t: List[float], i: int) -> Tuple[float, Tuple[float, ...]]:
+    """(a, b) of step i (t[i] -> t[i + 1]) of DPM-Solver++ (Lu et al. 2022), in float64.
+
+    With lambda = -log sigma and h = lambda_{i+1} - lambda_i, the first-order update is
+    x_next = (t_{i+1} / t_i) x + (1 - t_{i+1} / t_i) D_i (1 - t_{i+1}/t_i = -expm1(-h)); 2M replaces
+    D_i by (1 + 1/(2r)) D_i - D_{i-1}/(2r), r = h_{i-1}/h; 3M adds the divided differences of
+    D_i, D_{i-1}, D_{i-2} weighted by phi_2 = 1 - (1 - e^{-h})/h and phi_3 = phi_2/h - 1/2.  The last
+    step (t_{i+1} = 0, h infinite) lands on D_i: x_next = D_i.  Lower orders start the run, as the
+    history fills.  Returned as coefficients of x and of D_i, D_{i-1}, D_{i-2}.
+    """
+    s, s_next = t[i], t[i + 1]
+    if s_next == 0:
+        return 0.0, (1.0,)
+    h = math.log(s / s_next)
+    phi_1 = -math.expm1(-h)
+    a = s_next / s
+    order = min(i, MULTISTEP[solver]) + 1
+    if order == 1:
+        return a, (phi_1,)
+    r0 = math.log(t[i - 1] / s) / h
+    if solver == "dpmpp_2m":
+        c = phi_1 / (2 * r0)
+        return a, (phi_1 + c, -c)
+    phi_2 = 1 - phi_1 / h
+    if order == 2:
+        # phi_2 (D_i - D_{i-1}) / r0
+        return a, (phi_1 + phi_2 / r0, -phi_2 / r0)
+    r1 = math.log(t[i - 2] / t[i - 1]) / h
+    phi_3 = phi_2 / h - 0.5
+    # x += phi_2 d1 - phi_3 d2 with d1_0 = (D_i - D_{i-1})/r0, d1_1 = (D_{i-1} - D_{i-2})/r1,
+    # d1 = d1_0 + (d1_0 - d1_1) r0/(r0 + r1), d2 = (d1_0 - d1_1)/(r0 + r1): linear in d1_0 and d1_1.
+    c0 = phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)
+    c1 = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)
+    return a, (phi_1 + c0 / r0, -c0 / r0 + c1 / r1, -c1 / r1)
+
+
+def _multistep(solver: str, t: List[float], i: int) -> _Multistep:
+    a, b = _dpmpp_coefficients(solver, t, i)
+    slots = MULTISTEP[solver]
+    read = tuple((i - k) % slots for k in range(1, len(b)))
+    return _Multistep(a, b, read, i % slots)
 
 
 @dataclass
@@ -78,7 +139,8 @@ def make_plan(*, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
         else:
             t_hat = t_cur
         heun = solver == "heun" and i < n - 1  # the last step lands on t_N = 0: Euler only
-        step = _Step(t_cur, t_hat, t_next, float(t_hat), t_host[i + 1], churn, heun)
+        step = _Step(t_cur, t_hat, t_next, float(t_hat), t_host[i + 1], churn, heun,
+                     _multistep(solver, t_host, i) if solver in MULTISTEP else None)
         steps.append(step)
         sigmas.append(step.t_hat_host)
         if heun:

@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.ops import D_DTYPES
 
-SOLVERS = ("heun", "euler")
+SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m")
 _SAME = object()  # guide_labels default: the guiding network gets the main network's labels
 
 

@@ -38,7 +38,7 @@ import torch
 
 from ..kernels.ops import D_DTYPES, PreparedSteps
 from ._graphs import GraphCache
-from ._plan import _Plan, karras_schedule, make_plan
+from ._plan import MULTISTEP, _Plan, karras_schedule, make_plan
 from ._settings import _SAME, SOLVERS, _flag, _Guidance, _Noise, _real
 
 __all__ = ["GuidedSampler", "NonFiniteError", "karras_schedule", "SOLVERS"]
@@ -175,6 +175,10 @@ class GuidedSampler:
         self.backend = backend
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if solver in MULTISTEP and self.S_churn > 0:
+            raise ValueError(f"S_churn={self.S_churn} cannot be used with solver={solver!r}: a multistep solver reuses "
+                             "earlier denoised outputs, which churn's fresh noise invalidates; use S_churn=0, or "
+                             "solver='heun' or 'euler'")
         self.solver = solver
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
@@ -253,6 +257,8 @@ class GuidedSampler:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="edm_sampler", unit="step")
+        # A multistep solver's earlier denoised outputs, a ring of slots (see _plan._Multistep).
+        history = None if self.solver not in MULTISTEP else x_next.new_empty((MULTISTEP[self.solver],) + x_next.shape)
         e = k = 0
         for i, step in enumerate(steps):
             if flags is not None and i > 0:
@@ -268,6 +274,9 @@ class GuidedSampler:
             w = weights[e]
             d_main, d_guide = self._denoise(x_hat, step.t_hat, labels, guide_labels, w, stream)
             e += 1
+            if step.multistep is not None:
+                x_next = ops.multistep(x_hat, d_main, d_guide, w, history, step.multistep, out=x_euler)
+                continue
             ops.euler(x_hat, d_main, d_guide, w, step.t_hat_host, step.t_next_host, out=x_euler)
             if not step.heun:
                 x_next = x_euler

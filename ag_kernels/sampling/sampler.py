@@ -107,7 +107,9 @@ def edm_sampler(
         backend: "auto", "torch", "triton" or "ext" (see :func:`ag_kernels.available_backends`).
         guidance_interval: (lo, hi): guide only for sigma in (lo, hi]; elsewhere w = 1 and gnet is
             not evaluated (Kynkäänniemi et al. 2024).
-        solver: "heun" (the reference: 2nd order, Euler on the last step) or "euler".
+        solver: "heun" (the reference: 2nd order, Euler on the last step; 2N - 1 evaluations), "euler",
+            or the multistep "dpmpp_2m" / "dpmpp_3m" (DPM-Solver++(2M)/(3M), Lu et al. 2022: one evaluation
+            per schedule point, N in all; the earlier denoised outputs give the higher order; no churn).
         progress: show a tqdm progress bar over the steps (eager runs).
         cuda_graph: False (default), True or "auto": run from a CUDA graph (see
             :class:`ag_kernels.GuidedSampler`).  With True/"auto" the engine and its graphs are

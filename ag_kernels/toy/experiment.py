@@ -224,6 +224,7 @@ def sample(
     num_steps: int = NUM_STEPS,
     sigma_max: float = SIGMA_MAX,
     nudge: bool = False,
+    solver: str = "heun",
 ) -> torch.Tensor:
     """n class-A samples [n, 2] (float64, CPU) of D_w = D_0 + w (D_1 - D_0) via :func:`edm_sampler`.
 
@@ -237,7 +238,7 @@ def sample(
         noise = torch.nextafter(noise32, torch.full_like(noise32, math.inf)).to(torch.float64)
     out = edm_sampler(
         net, noise.to(device=device, dtype=torch.float32), None, gnet, num_steps=num_steps,
-        sigma_min=SIGMA_MIN, sigma_max=sigma_max, guidance=guidance, backend=backend,
+        sigma_min=SIGMA_MIN, sigma_max=sigma_max, guidance=guidance, backend=backend, solver=solver,
     )
     return out.to(device="cpu", dtype=torch.float64)
 

@@ -170,6 +170,10 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
   alignas(64) T buf1[kChunk];
   alignas(64) T buf0[kChunk];
   T* out = static_cast<T*>(a.out);
+  // Multistep: the history slots it reads (or a zero chunk with a zero coefficient) and the one it writes.
+  alignas(64) T zeros[kChunk] = {};
+  T* history = static_cast<T*>(a.ms.history);
+  const MultistepConstants<T> m(a.ms);
   // A range may cross samples: the row constants change at each sample boundary.
   for (int64_t row_begin = begin; row_begin < end;) {
     const int64_t row = row_begin / a.row_numel;
@@ -182,6 +186,27 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
       const T* x = OP != kDenoise ? static_cast<const T*>(a.x) + i : nullptr;
       const T* x_euler = OP == kHeun ? static_cast<const T*>(a.x_euler) + i : nullptr;
       T* o = out + i;
+      if constexpr (OP == kMultistep) {
+        // Every slot is read before D_w is written, element by element: the write slot may be a read one.
+        const T* h1 = a.ms.read1 >= 0 ? history + a.ms.read1 * a.numel + i : zeros;
+        const T* h2 = a.ms.read2 >= 0 ? history + a.ms.read2 * a.numel + i : zeros;
+        T* hw = a.ms.write >= 0 ? history + a.ms.write * a.numel + i : nullptr;
+        if (hw != nullptr) {
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) {
+            const T D_w = guided_value<HAS_GUIDE>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0));
+            o[j] = multistep_value(m, x[j], D_w, h1[j], h2[j]);
+            hw[j] = D_w;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) {
+            const T D_w = guided_value<HAS_GUIDE>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0));
+            o[j] = multistep_value(m, x[j], D_w, h1[j], h2[j]);
+          }
+        }
+        continue;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const T sx = OP != kDenoise ? x[j] : T(0);
@@ -293,7 +318,7 @@ void run_typed(const StepArgs& a) {
   }
 #endif
   // The grain in elements from the bytes each element moves: out, x, x_euler and the network outputs.
-  const int64_t t_streams = 1 + (OP != kDenoise ? 1 : 0) + (OP == kHeun ? 1 : 0);
+  const int64_t t_streams = 1 + (OP != kDenoise ? 1 : 0) + (OP == kHeun ? 1 : 0) + (OP == kMultistep ? 3 : 0);
   const int64_t bytes = t_streams * static_cast<int64_t>(sizeof(T)) + size_of(a.d_main_type) +
                         (HAS_GUIDE ? size_of(a.d_guide_type) : 0);
   const int64_t grain = std::max<int64_t>(kChunk, kGrainBytes / bytes);

@@ -50,7 +50,17 @@ __device__ __forceinline__ void step_element(const StepArgs& a, const RowConstan
   const T x_euler = OP == kHeun ? static_cast<const T*>(a.x_euler)[i] : T(0);
   const T D_1 = to_compute<T>(static_cast<const DM*>(a.d_main)[i]);
   const T D_0 = HAS_GUIDE ? to_compute<T>(static_cast<const DG*>(a.d_guide)[i]) : T(0);
-  static_cast<T*>(a.out)[i] = step_value<OP, HAS_GUIDE>(r, x, x_euler, D_1, D_0);
+  if constexpr (OP == kMultistep) {
+    // Both history slots are read before D_w is written: the write slot may be a read one.
+    const T* history = static_cast<const T*>(a.ms.history);
+    const T h1 = a.ms.read1 >= 0 ? history[a.ms.read1 * a.numel + i] : T(0);
+    const T h2 = a.ms.read2 >= 0 ? history[a.ms.read2 * a.numel + i] : T(0);
+    const T D_w = guided_value<HAS_GUIDE>(r, D_1, D_0);
+    static_cast<T*>(a.out)[i] = multistep_value(MultistepConstants<T>(a.ms), x, D_w, h1, h2);
+    if (a.ms.write >= 0) static_cast<T*>(a.ms.history)[a.ms.write * a.numel + i] = D_w;
+  } else {
+    static_cast<T*>(a.out)[i] = step_value<OP, HAS_GUIDE>(r, x, x_euler, D_1, D_0);
+  }
 }
 
 // Elements [base, base + len) of one sample; packs of N elements when every operand is aligned.
@@ -115,7 +125,9 @@ void launch(const StepArgs& a) {
   constexpr int N = pack_size<T, DM, DG>();
   const bool tiled = a.rows == 1 || a.row_numel >= static_cast<int64_t>(kThreads) * N;
   // Packs never straddle samples (row_numel % N == 0) and every operand is aligned to its pack.
-  bool vectorized = tiled && (a.rows == 1 || a.row_numel % N == 0) && aligned(a.out, alignof(Pack<T, N>)) &&
+  // The multistep update goes element by element (it also reads and writes the history).
+  bool vectorized = OP != kMultistep && tiled && (a.rows == 1 || a.row_numel % N == 0) &&
+                    aligned(a.out, alignof(Pack<T, N>)) &&
                     aligned(a.d_main, alignof(Pack<DM, N>));
   if (OP != kDenoise) vectorized = vectorized && aligned(a.x, alignof(Pack<T, N>));
   if (OP == kHeun) vectorized = vectorized && aligned(a.x_euler, alignof(Pack<T, N>));
