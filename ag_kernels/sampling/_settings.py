@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.ops import D_DTYPES
 
-SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m")
+SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m", "unipc")
 _SAME = object()  # guide_labels default: the guiding network gets the main network's labels
 
 

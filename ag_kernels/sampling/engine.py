@@ -259,6 +259,7 @@ class GuidedSampler:
             steps = tqdm(steps, desc="edm_sampler", unit="step")
         # A multistep solver's earlier denoised outputs, a ring of slots (see _plan._Multistep).
         history = None if self.solver not in MULTISTEP else x_next.new_empty((MULTISTEP[self.solver],) + x_next.shape)
+        unipc = self.solver == "unipc"
         e = k = 0
         for i, step in enumerate(steps):
             if flags is not None and i > 0:
@@ -275,7 +276,13 @@ class GuidedSampler:
             d_main, d_guide = self._denoise(x_hat, step.t_hat, labels, guide_labels, w, stream)
             e += 1
             if step.multistep is not None:
-                x_next = ops.multistep(x_hat, d_main, d_guide, w, history, step.multistep, out=x_euler)
+                if unipc:
+                    # The networks see x_i (buffers[1] after step 0); the corrected sample x_c lives in
+                    # buffers[0] (x_0 itself at step 0) and is corrected there in place.
+                    x_next = ops.multistep(buffers[0], d_main, d_guide, w, history, step.multistep, out=buffers[1],
+                                           corrected=buffers[0] if step.multistep.corrector else None)
+                else:
+                    x_next = ops.multistep(x_hat, d_main, d_guide, w, history, step.multistep, out=x_euler)
                 continue
             ops.euler(x_hat, d_main, d_guide, w, step.t_hat_host, step.t_next_host, out=x_euler)
             if not step.heun:

@@ -109,7 +109,9 @@ def edm_sampler(
             not evaluated (Kynkäänniemi et al. 2024).
         solver: "heun" (the reference: 2nd order, Euler on the last step; 2N - 1 evaluations), "euler",
             or the multistep "dpmpp_2m" / "dpmpp_3m" (DPM-Solver++(2M)/(3M), Lu et al. 2022: one evaluation
-            per schedule point, N in all; the earlier denoised outputs give the higher order; no churn).
+            per schedule point, N in all; the earlier denoised outputs give the higher order; no churn), or
+            "unipc" (UniPC-2, Zhao et al. 2023: the 2M predictor with the UniC corrector, "bh2", which
+            re-does each step with the output just evaluated, no extra evaluation; N in all; no churn).
         progress: show a tqdm progress bar over the steps (eager runs).
         cuda_graph: False (default), True or "auto": run from a CUDA graph (see
             :class:`ag_kernels.GuidedSampler`).  With True/"auto" the engine and its graphs are
