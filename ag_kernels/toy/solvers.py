@@ -26,7 +26,7 @@ import torch
 from . import experiment as ex
 from .distribution import tree_mixture
 
-SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m")
+SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m", "unipc")
 BUDGETS = (8, 12, 16, 24, 32)
 METHODS = {"autoguidance": ex.AG_WEIGHT, "cfg": ex.CFG_WEIGHT}
 CONVERGED_STEPS = 256
