@@ -40,9 +40,10 @@ struct StepOps {
 
   static void multistep_step(at::Tensor& out, at::Tensor& history, const at::Tensor& x, const at::Tensor& d_main,
                              const OptTensor& d_guide, const OptTensor& g_vec, double g, double a, double b0,
-                             double b1, double b2, int64_t read1, int64_t read2, int64_t write) {
-    Backend::template run<kMultistep>(
-        make_multistep_args(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write));
+                             double b1, double b2, int64_t read1, int64_t read2, int64_t write,
+                             const OptTensor& corrected, double ac, double c0, double c1, double c2) {
+    Backend::template run<kMultistep>(make_multistep_args(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2,
+                                                          read1, read2, write, corrected, ac, c0, c1, c2));
   }
 };
 

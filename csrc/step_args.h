@@ -33,10 +33,13 @@ StepArgs make_step_args(
     const std::optional<at::Tensor>& s_vec, const std::optional<at::Tensor>& sn_vec, double g, double s, double sn);
 
 // make_step_args for multistep_step, plus its history (contiguous [K, *out.shape] in out's dtype; out
-// contiguous) and slots (-1: none).
+// contiguous), slots (-1: none) and optional corrector (its output `corrected`: out's shape, dtype and
+// layout, x itself or apart from every operand).
 StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
                              const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
                              const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
-                             double b2, int64_t read1, int64_t read2, int64_t write);
+                             double b2, int64_t read1, int64_t read2, int64_t write,
+                             const std::optional<at::Tensor>& corrected = std::nullopt, double ac = 0, double c0 = 0,
+                             double c1 = 0, double c2 = 0);
 
 }  // namespace ag_kernels
