@@ -14,6 +14,7 @@ import torch
 from ..kernels.ops import D_DTYPES
 
 SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m")
+"""The solvers ``solver=`` accepts: EDM's Heun (the reference), Euler, DPM-Solver++(2M) and (3M)."""
 _SAME = object()  # guide_labels default: the guiding network gets the main network's labels
 
 
