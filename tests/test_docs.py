@@ -327,3 +327,51 @@ def test_public_docstrings_have_sections(name):
     if kind:
         need.add(kind)
     assert need <= found, f"{name}: docstring lacks {sorted(need - found)}"
+
+
+def test_readme_links_resolve():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if not re.match(r"[a-z]+://|#", target):
+            assert (ROOT / target.split("#")[0]).exists(), f"README.md links to a missing {target}"
+
+
+# --- the site build (CI runs it from .ci/run too) -------------------------------------------------
+
+def _mkdocs(workdir: Path):
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(workdir / "site")],
+                          cwd=workdir, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, NO_MKDOCS_2_WARNING="1",
+                                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+
+
+@pytest.fixture
+def site_copy(tmp_path):
+    """mkdocs.yml, docs/ and the package sources in a scratch folder, for builds that break them."""
+    import shutil
+
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+        pytest.skip('the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it')
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path)
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copytree(ROOT / "ag_kernels", tmp_path / "ag_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return tmp_path
+
+
+def test_site_builds_strict(site_copy):
+    proc = _mkdocs(site_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("breakage", ["link", "anchor", "api name", "page not in nav"])
+def test_site_build_fails_on_breakage(site_copy, breakage):
+    page = site_copy / "docs" / ("api.md" if breakage == "api name" else "ops.md")
+    addition = {"link": "\nSee [nowhere](no_such_page.md).\n", "anchor": "\nSee [the engine](engine.md#no-such-heading).\n",
+                "api name": "\n::: ag_kernels.kernels.no_such_name\n", "page not in nav": ""}[breakage]
+    page.write_text(page.read_text(encoding="utf-8") + addition, encoding="utf-8")
+    if breakage == "page not in nav":
+        (site_copy / "docs" / "orphan.md").write_text("# Orphan\n", encoding="utf-8")
+    proc = _mkdocs(site_copy)
+    expected = {"link": "no_such_page.md", "anchor": "no-such-heading", "api name": "no_such_name",
+                "page not in nav": "orphan.md"}[breakage]
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-3000:]
