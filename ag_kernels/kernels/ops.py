@@ -233,6 +233,12 @@ def guided_denoise(
 
     Returns:
         D_w, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype, or ``dtype`` not float32/float64.
+        ValueError: shapes, devices or per-sample lengths that do not match, a non-finite weight, ``out``
+            partly overlapping an input, ``out=`` while an operand requires grad, or a backend that is
+            unknown or unavailable on the device.
     """
     if dtype in X_DTYPES and _fast_numbers((None,), guidance) \
             and _fast_tensors(d_main, D_DTYPES, () if d_guide is None else (d_guide,), out, dtype):
@@ -272,7 +278,8 @@ def euler_step(
 
     Args:
         x: the current sample x_hat (float32/float64).
-        d_main, d_guide: the networks' outputs at (x, sigma); d_guide=None for no guidance.
+        d_main: the main network's output D_1 at (x, sigma), any float dtype, x's shape.
+        d_guide: the guiding network's output D_0 at (x, sigma), or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         sigma: the current noise level t_hat (> 0; number or per-sample tensor).
         sigma_next: the next noise level t_next (>= 0; 0 on the last step of a schedule).
@@ -281,6 +288,12 @@ def euler_step(
 
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype.
+        ValueError: shapes, devices or per-sample lengths that do not match, sigma not > 0, sigma_next < 0
+            or a non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand
+            requires grad, or a backend that is unknown or unavailable on the device.
     """
     if _fast_floats(guidance, sigma, sigma_next, False) \
             and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
@@ -326,7 +339,8 @@ def heun_step(
     Args:
         x_hat: the sample at the start of the step (float32/float64).
         x_euler: the Euler prediction at sigma_next (x_hat's shape and dtype).
-        d_main, d_guide: the networks' outputs at (x_euler, sigma_next); d_guide=None for none.
+        d_main: the main network's output D_1 at (x_euler, sigma_next), any float dtype.
+        d_guide: the guiding network's output D_0 there, or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         sigma: the noise level t_hat at x_hat (> 0).
         sigma_next: the noise level t_next at x_euler (> 0: it divides).
@@ -335,6 +349,12 @@ def heun_step(
 
     Returns:
         x_next, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype.
+        ValueError: shapes, devices or per-sample lengths that do not match, sigma or sigma_next not > 0 or
+            a non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand
+            requires grad, or a backend that is unknown or unavailable on the device.
     """
     if _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
             x_hat, X_DTYPES, (x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide), out, x_hat.dtype) \
@@ -371,7 +391,8 @@ def guided_score(
 
     Args:
         x: the noisy sample (float32/float64).
-        d_main, d_guide: the networks' outputs at (x, sigma); d_guide=None for no guidance.
+        d_main: the main network's output D_1 at (x, sigma), any float dtype, x's shape.
+        d_guide: the guiding network's output D_0 at (x, sigma), or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         sigma: the noise level (> 0; number or per-sample tensor).
         out: optional result tensor (x's shape and dtype); may be ``x`` itself.
@@ -379,6 +400,12 @@ def guided_score(
 
     Returns:
         The score, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype.
+        ValueError: shapes, devices or per-sample lengths that do not match, sigma not > 0 or a non-finite
+            coefficient, ``out`` partly overlapping an input, ``out=`` while an operand requires grad, or a
+            backend that is unknown or unavailable on the device.
     """
     if _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
             and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
@@ -424,7 +451,8 @@ def multistep_step(
 
     Args:
         x: the sample at the step's noise level (float32/float64).
-        d_main, d_guide: the networks' outputs at x; d_guide=None for no guidance.
+        d_main: the main network's output D_1 at x, any float dtype, x's shape.
+        d_guide: the guiding network's output D_0 at x, or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         history: the earlier denoised outputs, a contiguous tensor [K, *x.shape] in x's dtype, K >= 1,
             updated in place; slots that are not read may hold anything (they are not read).
@@ -444,6 +472,13 @@ def multistep_step(
 
     Returns:
         x_next, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype, or ``b`` not a tuple of 1 to 3 numbers.
+        ValueError: shapes, devices or per-sample lengths that do not match; ``history`` of the wrong shape,
+            device or layout, or sharing memory with an operand; ``read``/``write`` not slots of it; a
+            non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand requires
+            grad, or a backend that is unknown or unavailable on the device.
     """
     _check_inputs("x", x, d_main, d_guide)
     _check_tensor("history", history, (x.dtype,))
@@ -569,6 +604,14 @@ class PreparedSteps:
     every step); what remains per call is the layout and aliasing of the networks' outputs.  The
     common step goes straight to the backend's kernel op; any other falls back to the public op,
     which checks and lays out everything.
+
+    Args:
+        x: a sample of the run (float32/float64): its dtype and device fix the kernels.
+        backend: "auto", "torch", "triton" or "ext".
+
+    Raises:
+        TypeError: ``x`` is not a float32/float64 tensor.
+        ValueError: a backend that is unknown or unavailable on ``x``'s device.
     """
 
     def __init__(self, x: torch.Tensor, *, backend: str = "auto"):

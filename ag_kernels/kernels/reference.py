@@ -112,6 +112,30 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
     of the EDM2 reference ``edm_sampler``; no edm2 code is copied.  Network outputs are cast to
     ``dtype`` before the blend, as the reference does.  :func:`ag_kernels.edm_sampler` is the fast
     drop-in; this one is what the tests and the benchmark compare it with.
+
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        noise: the starting noise [B, ...] (scaled by sigma_max here).
+        labels: class labels passed to the networks, or None.
+        gnet: the guiding network D_0, or None (then ``guidance`` must be 1).
+        num_steps: schedule points N (the last step is Euler only).
+        sigma_min: the smallest noise level of the Karras schedule.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent.
+        guidance: the weight w.
+        S_churn: churn strength (0: the deterministic ODE sampler).
+        S_min: churn only for t >= S_min.
+        S_max: churn only for t <= S_max.
+        S_noise: scale of the churn noise.
+        dtype: the sampler's dtype.
+        randn_like: draws the churn noise, once per churned step.
+
+    Returns:
+        The final samples, ``noise``'s shape, in ``dtype``.
+
+    Raises:
+        Exception: whatever torch or the networks raise.  As the reference, it checks no
+            arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
     def guided_denoiser(x, t):
@@ -164,6 +188,26 @@ def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, si
     2M: D' = (1 + 1/(2r)) D_w - D_prev / (2r), r = h_prev / h; 3M: the first-order update plus
     phi_2 d1 - phi_3 d2 from the divided differences of the last three outputs.  One evaluation of
     D_w per schedule point, t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0.
+
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        noise: the starting noise [B, ...] (scaled by t_0 here).
+        labels: class labels passed to the networks, or None.
+        gnet: the guiding network D_0, or None (then ``guidance`` must be 1).
+        num_steps: schedule points N, one evaluation of D_w each.
+        sigma_min: the smallest noise level of the Karras schedule.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent.
+        guidance: the weight w.
+        dtype: the sampler's dtype (float64 for the oracle).
+        solver: "dpmpp_2m" or "dpmpp_3m".
+
+    Returns:
+        The final samples, ``noise``'s shape, in ``dtype``.
+
+    Raises:
+        Exception: whatever torch or the networks raise.  As the reference, it checks no
+            arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
     def guided_denoiser(x, t):

@@ -23,6 +23,21 @@ def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
     Evaluated with the reference sampler's expression in ``dtype`` on ``device``, so the networks
     see the same noise levels.  With ``num_steps == 1`` the schedule is [sigma_max, 0] (the
     reference's formula divides by num_steps - 1 there).
+
+    Args:
+        num_steps: N >= 1, the number of noise levels before the final 0.
+        sigma_min: t_{N-1}, the smallest positive level.
+        sigma_max: t_0, the largest level.
+        rho: the exponent (7 in EDM): larger values spend more steps near sigma_min.
+        dtype: the dtype the expression is evaluated in.
+        device: where the result lives (default: the CPU).
+
+    Returns:
+        A tensor of N + 1 noise levels, decreasing, ending with 0.
+
+    Raises:
+        RuntimeError: from torch, for a negative ``num_steps``.  The values are not otherwise
+            checked here; the samplers check them once, naming the argument.
     """
     step_indices = torch.arange(num_steps, dtype=dtype, device=device)
     if num_steps > 1:

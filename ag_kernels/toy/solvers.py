@@ -132,7 +132,7 @@ def goals(result) -> Dict[str, Dict[str, object]]:
 
 
 def markdown(result) -> str:
-    """The rows as Markdown tables (one per method), as the README shows them."""
+    """The rows as Markdown tables (one per method), as docs/sampler.md shows them."""
     lines = []
     for method in METHODS:
         rows = [r for r in result["rows"] if r["method"] == method]
