@@ -272,7 +272,28 @@ def torch_unipc_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_
 
     The order warms up (p_i = min(order, i + 1)), drops on the final steps (p_i <= N - i) and the
     corrector takes the previous predictor's order; the last step lands on t_N = 0, x_N = D_{N-1}.
-    ``sigmas``: the schedule t_0 > ... > t_{N-1} > t_N = 0 (a sequence); default Karras et al. (2022, Eq. 5).
+
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        noise: the starting noise [B, ...] (scaled by t_0 here).
+        labels: class labels passed to the networks, or None.
+        gnet: the guiding network D_0, or None (then ``guidance`` must be 1).
+        num_steps: schedule points N, one evaluation of D_w each (ignored when ``sigmas`` is given).
+        sigma_min: the smallest noise level of the Karras schedule.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent.
+        guidance: the weight w.
+        dtype: the sampler's dtype (float64 for the oracle).
+        order: the UniPC order p (1 to 3; the sampler's ``solver="unipc"`` is p = 2).
+        sigmas: the schedule t_0 > ... > t_{N-1} > t_N = 0 (a sequence), or None for Karras et al.
+            (2022, Eq. 5) from the four arguments above.
+
+    Returns:
+        The final samples, ``noise``'s shape, in ``dtype``.
+
+    Raises:
+        Exception: whatever torch or the networks raise.  As the reference, it checks no
+            arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
     def guided_denoiser(x, t):
