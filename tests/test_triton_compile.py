@@ -93,12 +93,12 @@ def test_contiguous_launches_move_memory_in_128_bit_accesses(compiled):
     checked = [c for c in compiled["cases"] if c["vectorized"]]
     # Each op's contiguous launch, for every x and network-output dtype.
     ops = {c["case"].split("/")[0] for c in checked}
-    assert ops == {"guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step"}
-    assert len(checked) >= 5 * 16
+    assert ops >= {"guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step"}
+    assert len(checked) >= len(ops) * 16
     assert not compiled["vector_failures"], "\n".join(compiled["vector_failures"][:40])
     # The check can fire: the same launch with unaligned pointers compiles to narrower accesses.
     controls = [c for c in compiled["cases"] if c["arch"] == 90 and "/n=16k" in c["case"]
                 and c["case"].endswith("/unaligned=all")]
-    assert len(controls) == 5
+    assert {c["case"].split("/")[0] for c in controls} == ops
     for c in controls:
         assert c["ptx"]["narrow"], f"{c['case']}: unaligned pointers still gave only 128-bit accesses"
