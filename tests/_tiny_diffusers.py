@@ -19,7 +19,8 @@ LATENT = 4
 CROSS = 16       # cross-attention width (SD, SDXL)
 POOLED = 16      # pooled text embedding width (SDXL, SD3)
 TIME_EMBED = 4   # SDXL's addition_time_embed_dim
-SEQ = 5          # prompt embedding length
+SEQ = 5          # prompt embedding length (given embeddings)
+TOKENS = 16      # the tiny tokenizer's and text encoders' sequence length
 
 
 def _seeded(seed, build):
@@ -81,7 +82,7 @@ def tiny_tokenizer(folder=None):
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=SEQ,
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=TOKENS,
                          unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
@@ -89,7 +90,7 @@ def tiny_text_encoder(seed=0, *, width=CROSS):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(vocab_size=54, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=1,
+                            num_attention_heads=2, max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1)
     return _seeded(seed, lambda: CLIPTextModel(config))
 
@@ -131,7 +132,7 @@ def sdxl_pipeline(scheduler="EulerDiscreteScheduler", *, text_encoder=False, see
         tok, tok2 = tiny_tokenizer(), tiny_tokenizer()
         enc = tiny_text_encoder(seed + 3, width=CROSS // 2)
         config = CLIPTextConfig(vocab_size=54, hidden_size=CROSS // 2, intermediate_size=CROSS, num_hidden_layers=1,
-                                num_attention_heads=2, max_position_embeddings=SEQ, projection_dim=POOLED,
+                                num_attention_heads=2, max_position_embeddings=TOKENS, projection_dim=POOLED,
                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
         enc2 = _seeded(seed + 4, lambda: CLIPTextModelWithProjection(config))
     pipe = StableDiffusionXLPipeline(

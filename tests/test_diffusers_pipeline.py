@@ -17,11 +17,9 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+import _tiny_diffusers as T
 
-import _tiny_diffusers as T  # noqa: E402
-
-import ag_kernels  # noqa: E402
+import ag_kernels
 
 TOL = 2e-5
 STEPS = 5

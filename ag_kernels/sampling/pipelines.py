@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,7 @@ from ..kernels import ops
 from ..models.diffusers_models import DiffusersDenoiser, check_guide_fits, require_diffusers
 from ._plan import MULTISTEP, _dpmpp_coefficients
 from ._settings import _real
+from .generation import GeneratedBatch, _batches, _check_options, _place
 
 __all__ = ["AutoguidedPipeline", "PIPELINES", "SCHEDULERS", "PIPELINE_SOLVERS"]
 
@@ -146,6 +147,45 @@ class AutoguidedPipeline:
                    backend)
         x = run.sample(x, sig, ts, solver, lower_order_final, pipe)
         return _finish(pipe, family, x.to(latents.dtype), args, device, cond)
+
+    def generate(self, seeds=range(16), batch_size: int = 4, outdir=None, *, subdirs: bool = True,
+                 batch_split: str = "fixed", skip_existing: bool = False, device=None, progress: bool = True,
+                 **call_kwargs) -> Iterator[GeneratedBatch]:
+        """One image per seed, as :func:`ag_kernels.generate` makes them: a generator of :class:`GeneratedBatch`.
+
+        Each seed's initial latents come from its own generator (``randn`` of the latent shape,
+        seeded with seed % 2**32), so a seed gives the same image in any batch; PNGs are written to
+        ``outdir`` (``skip_existing`` resumes a run), and under torchrun the batches are dealt out
+        over the processes.  ``call_kwargs`` are this pipeline's call arguments (``prompt``: one
+        text for every seed, ``negative_prompt``, ``guidance_scale``, ``autoguidance_scale``,
+        ``num_inference_steps``, ...); prompt embeddings with a batch of one are repeated per seed.
+        ``samples`` of a batch are the float images in [0, 1], ``images`` their uint8 values.
+        """
+        seeds, batch_size = _check_options(seeds, batch_size, progress, subdirs, skip_existing, outdir, batch_split,
+                                           None, call_kwargs)
+        for key in ("latents", "generator", "output_type", "return_dict", "num_images_per_prompt"):
+            if key in call_kwargs:
+                raise TypeError(f"{key}: set by generate (per-seed latents, images out); do not pass it")
+        for key in ("prompt", "negative_prompt"):
+            if call_kwargs.get(key) is not None and not isinstance(call_kwargs[key], str):
+                raise TypeError(f"{key}: generate takes one text for every seed, got {type(call_kwargs[key]).__name__}")
+        net = _denoiser_of(self.pipe, self.family)
+        height = call_kwargs.get("height") or _default_size(self.pipe, self.family)
+        width = call_kwargs.get("width") or _default_size(self.pipe, self.family)
+        scale = self.pipe.vae_scale_factor
+        shape = (net.config.in_channels, int(height) // scale, int(width) // scale)
+        device, rank, world = _place(net, device)
+
+        def sample(rng, noise, labels):
+            n = noise.shape[0]
+            kw = {k: ([v] * n if isinstance(v, str) and "prompt" in k else
+                      v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and k.endswith("_embeds")
+                      and v.shape[0] == 1 else v) for k, v in call_kwargs.items()}
+            images = self(latents=noise, output_type="pt", **kw).images
+            return images, (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+        yield from _batches(sample, seeds, batch_size, rank, world, batch_split, progress, outdir, subdirs,
+                            skip_existing, device, shape, 0, None)
 
     def _schedule_and_latents(self, args, device, dtype, images, space):
         """(noise levels, timesteps, initial latents) as the pipeline makes them."""
