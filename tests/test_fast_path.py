@@ -12,7 +12,9 @@ import torch
 
 import ag_kernels
 from ag_kernels.kernels import ops
-from _util import DEVICES, KERNEL_BACKENDS, OPS, TOL, call, make_inputs, oracle, poison, rel_err, require
+from _util import (
+    DEVICES, KERNEL_BACKENDS, OPS, TOL, call, make_cfg, make_inputs, make_uncond, oracle, poison, rel_err, require,
+)
 
 G, S, SN = 2.1, 1.25, 0.9
 
@@ -209,13 +211,16 @@ def test_meta_device_mismatch_is_an_error():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 @pytest.mark.parametrize("layout", ["contiguous", "d_noncontiguous", "d_aliases_out_other_dtype"])
 @pytest.mark.parametrize("weight", ["scalar", "per_sample", "none"])
-def test_prepared_steps_match_public_ops(monkeypatch, checked_calls, backend, layout, weight, gen):
+@pytest.mark.parametrize("cfg", ["none", "scalar", "per_sample"])
+def test_prepared_steps_match_public_ops(monkeypatch, checked_calls, backend, layout, weight, cfg, gen):
     require(backend, "cpu")
     shape = (3, 4, 5)
     x_hat, x_euler, d_main, d_guide = _inputs(shape, torch.float32, torch.bfloat16, "cpu", gen)
     w = {"scalar": G, "per_sample": torch.tensor([1.5, 2.1, 3.0]), "none": 1.0}[weight]
     if weight == "none":
         d_guide = None
+    d_uncond = None if cfg == "none" else make_uncond(d_main, gen, torch.float16)
+    c = 1.0 if cfg == "none" else make_cfg(cfg, shape[0], "cpu", gen)
     out = poison(torch.empty(shape))
     if layout == "d_noncontiguous":
         d_main = d_main.transpose(0, 2).contiguous().transpose(0, 2)
@@ -226,15 +231,16 @@ def test_prepared_steps_match_public_ops(monkeypatch, checked_calls, backend, la
     for name in ("euler", "heun"):
         if layout == "d_aliases_out_other_dtype":
             d_main = out.view(torch.bfloat16)[:, :, :5].copy_(snapshot)
+        kw = {} if cfg == "none" else {"d_uncond": d_uncond, "cfg_scale": c}
         if name == "euler":
-            expected = oracle("euler_step", x_hat, None, d_main, d_guide, w, S, SN)
-            result = steps.euler(x_hat, d_main, d_guide, w, S, SN, out=out)
+            expected = oracle("euler_step", x_hat, None, d_main, d_guide, w, S, SN, d_uncond=d_uncond, cfg=c)
+            result = steps.euler(x_hat, d_main, d_guide, w, S, SN, out=out, **kw)
         else:
-            expected = oracle("heun_step", x_hat, x_euler, d_main, d_guide, w, S, SN)
-            result = steps.heun(x_hat, x_euler, d_main, d_guide, w, S, SN, out=out)
+            expected = oracle("heun_step", x_hat, x_euler, d_main, d_guide, w, S, SN, d_uncond=d_uncond, cfg=c)
+            result = steps.heun(x_hat, x_euler, d_main, d_guide, w, S, SN, out=out, **kw)
         assert result is out
         assert rel_err(result, expected) <= TOL[torch.float32], (name, layout)
-    direct = backend != "torch" and layout == "contiguous"
+    direct = backend != "torch" and layout == "contiguous" and cfg == "none"
     assert (checked_calls == []) == direct, f"checked path calls: {checked_calls}"
 
 

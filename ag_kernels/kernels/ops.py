@@ -7,17 +7,26 @@ guided denoiser output of autoguidance / CFG (Karras et al. 2024, Eq. 1)::
 
 ``d_main`` is the main (conditional) network's output D_1 and ``d_guide`` the guiding
 network's output D_0 (a worse model for autoguidance, the unconditional one for CFG).
+Autoguidance and CFG together take a third output, the main network's unconditional one D_u
+(``d_uncond``), with the CFG weight w_cfg (``cfg_scale``)::
+
+    D = D_1 + (guidance - 1) (D_1 - D_0) + (cfg_scale - 1) (D_1 - D_u)
+
+(the same D_w as above when ``d_uncond`` is None).
 
 Argument rules shared by every op:
 
 * ``d_guide=None`` means no guidance: only ``d_main`` is read and ``guidance`` is ignored.
   A scalar ``guidance == 1`` gives exactly ``d_main`` as well, so ``d_guide`` is not read then.
-* ``guidance``, ``sigma``, ``sigma_next``: a Python (or NumPy) real number, or a tensor of
+  Likewise ``d_uncond=None`` (the default) means no CFG term and ``cfg_scale`` is ignored, and a
+  scalar ``cfg_scale == 1`` does not read ``d_uncond``.  Without ``d_uncond`` every op gives bitwise
+  the result it gave before ``d_uncond`` existed.
+* ``guidance``, ``cfg_scale``, ``sigma``, ``sigma_next``: a Python (or NumPy) real number, or a tensor of
   length B = ``x.shape[0]`` with one value per sample (a 0-d tensor applies to all samples).
   Scalars are checked (finite; sigma > 0; sigma_next >= 0, > 0 where it divides).  Tensor
   values are checked the same way when the tensor is on the CPU; on a GPU they are not, since
   reading them would synchronize the device.
-* ``x``: float32 or float64.  ``d_main``/``d_guide``: float16, bfloat16, float32 or float64,
+* ``x``: float32 or float64.  ``d_main``/``d_guide``/``d_uncond``: float16, bfloat16, float32 or float64,
   with ``x``'s shape and device; they are converted to ``x``'s dtype in registers.
   The result has ``x``'s dtype and shape.
 * ``out=``: write the result into this tensor (``x``'s shape, dtype and device); it may be
@@ -170,16 +179,18 @@ def _needs_grad(tensors, params) -> bool:
         v is not None and v.requires_grad for _, v in params)
 
 
-def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn, lead=(), trail=()):
+def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn, lead=(), trail=(), uncond=None):
     """Run op ``name`` on the chosen backend; return ``out`` or a new tensor.
 
     ``ref``: the tensor giving shape, device and layout (x, or d_main for guided_denoise);
     ``tensors``: the op's tensor operands in kernel order (x, [x_euler], d_main, d_guide);
     ``params``: the normalized (scalar, vector) pairs of guidance[, sigma[, sigma_next]];
     ``reference_fn``: computes the result with the PyTorch reference;
-    ``lead``/``trail``: the multistep op's history and its coefficients and slots (see _run_kernel).
+    ``lead``/``trail``: the multistep op's history and its coefficients and slots (see _run_kernel);
+    ``uncond``: None, or (d_uncond, (scalar, vector) of cfg_scale) when the CFG term is read.
     """
-    grad = _needs_grad(tensors, params)
+    grad = _needs_grad(tensors if uncond is None else [*tensors, uncond[0]],
+                       params if uncond is None else [*params, uncond[1]])
     if out is not None:
         _check_tensor("out", out, (out_dtype,), ref, "the result")
         if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(out) == 1:
@@ -196,7 +207,7 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
     if ref.numel() == 0 and not grad:
         return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
 
-    if chosen == "torch":
+    if chosen == "torch" or uncond is not None:  # TODO(i31k): the kernels' three-output path
         result = reference_fn()
         if out is None:
             return result
@@ -220,21 +231,26 @@ def guided_denoise(
     dtype: torch.dtype = torch.float32,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
-    """Guided denoiser output D_w = d_guide + guidance * (d_main - d_guide), computed in ``dtype``.
+    """Guided denoiser output D_w = d_guide + guidance * (d_main - d_guide), computed in ``dtype``;
+    with ``d_uncond``, D = D_w + (cfg_scale - 1) * (d_main - d_uncond).
 
     Args:
         d_main: the main network's output D_1 (float16/bfloat16/float32/float64).
         d_guide: the guiding network's output D_0 with d_main's shape, or None for no guidance.
         guidance: the weight w: a number, or a tensor of length d_main.shape[0] (per sample).
         dtype: float32 or float64: the dtype of the computation and of the result.
+        d_uncond: the main network's unconditional output D_u (d_main's shape), or None for no CFG.
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor); ignored without d_uncond.
         out: optional result tensor (d_main's shape, ``dtype``).
         backend: "auto", "torch", "triton" or "ext".
 
     Returns:
         D_w, as a new tensor or in ``out``.
     """
-    if dtype in X_DTYPES and _fast_numbers((None,), guidance) \
+    if d_uncond is None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
             and _fast_tensors(d_main, D_DTYPES, () if d_guide is None else (d_guide,), out, dtype):
         kernels = _kernel_table(backend, d_main.device)
         if kernels is not None:
@@ -247,10 +263,15 @@ def guided_denoise(
     _check_tensor("d_main", d_main, D_DTYPES)
     if d_guide is not None:
         _check_tensor("d_guide", d_guide, D_DTYPES, d_main, "d_main")
-    d_guide, g = _guidance(d_guide, guidance, _batch(d_main), d_main.device, dtype)
+    if d_uncond is not None:
+        _check_tensor("d_uncond", d_uncond, D_DTYPES, d_main, "d_main")
+    batch, device = _batch(d_main), d_main.device
+    d_guide, g = _guidance(d_guide, guidance, batch, device, dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, dtype, "cfg_scale")
     return _dispatch(
         "guided_denoise", d_main, dtype, out, [d_main, d_guide], [g], backend,
-        lambda: reference.torch_guided_denoise(d_main, d_guide, _value(g), dtype),
+        lambda: reference.torch_guided_denoise(d_main, d_guide, _value(g), dtype, **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -264,6 +285,8 @@ def euler_step(
     *,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """One Euler step of the EDM probability-flow ODE with the guided denoiser.
 
@@ -278,11 +301,14 @@ def euler_step(
         sigma_next: the next noise level t_next (>= 0; 0 on the last step of a schedule).
         out: optional result tensor (x's shape and dtype); may be ``x`` itself.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
     """
-    if _fast_floats(guidance, sigma, sigma_next, False) \
+    if d_uncond is None and _fast_floats(guidance, sigma, sigma_next, False) \
             and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
@@ -291,14 +317,17 @@ def euler_step(
             kernels["euler_step"](out, x, d_main, None if w == 1.0 else d_guide, None, None, None, w, sigma,
                                   sigma_next)
             return out
-    _check_inputs("x", x, d_main, d_guide)
+    _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
     s = _param("sigma", sigma, batch, device, lower="positive", dtype=x.dtype)
     sn = _param("sigma_next", sigma_next, batch, device, lower="nonnegative", dtype=x.dtype)
     return _dispatch(
         "euler_step", x, x.dtype, out, [x, d_main, d_guide], [g, s, sn], backend,
-        lambda: reference.torch_euler_step(x, d_main, d_guide, _value(g), _value(s), _value(sn)),
+        lambda: reference.torch_euler_step(x, d_main, d_guide, _value(g), _value(s), _value(sn),
+                                           **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -313,6 +342,8 @@ def heun_step(
     *,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """Heun's 2nd-order correction of the EDM sampler with the guided denoiser.
 
@@ -332,11 +363,14 @@ def heun_step(
         sigma_next: the noise level t_next at x_euler (> 0: it divides).
         out: optional result tensor (x_hat's shape and dtype); may be x_hat or x_euler.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at (x_euler, sigma_next), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next, as a new tensor or in ``out``.
     """
-    if _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
+    if d_uncond is None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
             x_hat, X_DTYPES, (x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide), out, x_hat.dtype) \
             and x_euler.dtype is x_hat.dtype:
         kernels = _kernel_table(backend, x_hat.device)
@@ -346,14 +380,17 @@ def heun_step(
             kernels["heun_step"](out, x_hat, x_euler, d_main, None if w == 1.0 else d_guide, None, None, None, w,
                                  sigma, sigma_next)
             return out
-    _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)])
+    _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)], d_uncond=d_uncond)
     batch, device = _batch(x_hat), x_hat.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x_hat.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x_hat.dtype, "cfg_scale")
     s = _param("sigma", sigma, batch, device, lower="positive", dtype=x_hat.dtype)
     sn = _param("sigma_next", sigma_next, batch, device, lower="positive", dtype=x_hat.dtype)
     return _dispatch(
         "heun_step", x_hat, x_hat.dtype, out, [x_hat, x_euler, d_main, d_guide], [g, s, sn], backend,
-        lambda: reference.torch_heun_step(x_hat, x_euler, d_main, d_guide, _value(g), _value(s), _value(sn)),
+        lambda: reference.torch_heun_step(x_hat, x_euler, d_main, d_guide, _value(g), _value(s), _value(sn),
+                                          **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -366,6 +403,8 @@ def guided_score(
     *,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """Score of the guided model, (D_w - x) / sigma**2.
 
@@ -376,11 +415,14 @@ def guided_score(
         sigma: the noise level (> 0; number or per-sample tensor).
         out: optional result tensor (x's shape and dtype); may be ``x`` itself.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         The score, as a new tensor or in ``out``.
     """
-    if _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
+    if d_uncond is None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
             and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
@@ -388,13 +430,15 @@ def guided_score(
             w = 1.0 if d_guide is None else float(guidance)
             kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, sigma)
             return out
-    _check_inputs("x", x, d_main, d_guide)
+    _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
     s = _param("sigma", sigma, batch, device, lower="positive", dtype=x.dtype)
     return _dispatch(
         "guided_score", x, x.dtype, out, [x, d_main, d_guide], [g, s], backend,
-        lambda: reference.torch_guided_score(x, d_main, d_guide, _value(g), _value(s)),
+        lambda: reference.torch_guided_score(x, d_main, d_guide, _value(g), _value(s), **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -411,6 +455,8 @@ def multistep_step(
     write: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """One step of a linear multistep solver (data-prediction form) with the guided denoiser.
 
@@ -432,11 +478,14 @@ def multistep_step(
         write: the slot that receives D_w, or None.
         out: optional result tensor (x's shape and dtype); may be ``x`` itself, not history.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next, as a new tensor or in ``out``.
     """
-    _check_inputs("x", x, d_main, d_guide)
+    _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     _check_tensor("history", history, (x.dtype,))
     if history.dim() != x.dim() + 1 or history.shape[1:] != x.shape or history.shape[0] < 1:
         raise ValueError(f"history must have shape (K, *x.shape) = (K, {', '.join(map(str, x.shape))}) with K >= 1, "
@@ -445,7 +494,7 @@ def multistep_step(
         raise ValueError(f"history is on {history.device} but x is on {x.device}; put them on one device")
     if not history.is_contiguous():
         raise ValueError("history must be contiguous (it is updated in place, one slot per earlier step)")
-    for name, t in (("x", x), ("d_main", d_main), ("d_guide", d_guide), ("out", out)):
+    for name, t in (("x", x), ("d_main", d_main), ("d_guide", d_guide), ("d_uncond", d_uncond), ("out", out)):
         if isinstance(t, torch.Tensor) and t.numel() and history.numel() and _shares_storage(t, history):
             raise ValueError(f"{name} shares memory with history; pass a separate tensor")
     slots = history.shape[0]
@@ -460,17 +509,19 @@ def multistep_step(
             raise ValueError(f"{name} must be a history slot, an int in [0, {slots}), got {k!r}")
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
     coefficients = (a,) + b + (0.0,) * (3 - len(b))
     slots_used = tuple(int(r) for r in read) + (-1,) * (2 - len(read)) + (-1 if write is None else int(write),)
 
     def reference_fn():
-        x_next, D_w = reference.torch_multistep_step(x, d_main, d_guide, _value(g), a, b, [history[r] for r in read])
+        x_next, D_w = reference.torch_multistep_step(x, d_main, d_guide, _value(g), a, b, [history[r] for r in read],
+                                                     **_cfg(d_uncond, c))
         if write is not None:
             history[write].copy_(D_w)
         return x_next
 
     return _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
-                     lead=(history,), trail=coefficients + slots_used)
+                     lead=(history,), trail=coefficients + slots_used, uncond=_uncond(d_uncond, c))
 
 
 def _coefficient(name: str, value) -> float:
@@ -487,6 +538,16 @@ def _value(param):
     """The (scalar, vector) pair as the reference takes it: the vector if any, else the number."""
     scalar, vec = param
     return scalar if vec is None else vec
+
+
+def _cfg(d_uncond, c) -> Dict[str, object]:
+    """The reference's CFG keywords: none at all without d_uncond (the two-output path, unchanged)."""
+    return {} if d_uncond is None else {"d_uncond": d_uncond, "cfg_scale": _value(c)}
+
+
+def _uncond(d_uncond, c):
+    """_dispatch's ``uncond``: (d_uncond, cfg_scale's (scalar, vector)), or None when the CFG term is absent."""
+    return None if d_uncond is None else (d_uncond, c)
 
 
 # --------------------------------------------------------------------------- prepared steps
@@ -525,35 +586,39 @@ class PreparedSteps:
                 return False
         return _spans_apart(out, operands)
 
-    def euler(self, x_hat, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
+    def euler(self, x_hat, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor, *,
+              d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = the Euler step from (x_hat, t_hat) to t_next; ``w``: a number or a per-sample tensor
-        (ignored when d_guide is None)."""
-        if self._direct(out, (x_hat, d_main, d_guide)):
+        (ignored when d_guide is None); ``cfg_scale`` likewise for ``d_uncond``."""
+        if d_uncond is None and self._direct(out, (x_hat, d_main, d_guide)):
             g, g_vec = _weight(d_guide, w)
             self._kernels["euler_step"](out, x_hat, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
             return out
-        return euler_step(x_hat, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
+        return euler_step(x_hat, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
+                          d_uncond=d_uncond, cfg_scale=cfg_scale)
 
-    def heun(self, x_hat, x_euler, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
+    def heun(self, x_hat, x_euler, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor, *,
+             d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = Heun's correction of the step from (x_hat, t_hat), networks evaluated at (x_euler, t_next)."""
-        if self._direct(out, (x_hat, x_euler, d_main, d_guide)):
+        if d_uncond is None and self._direct(out, (x_hat, x_euler, d_main, d_guide)):
             g, g_vec = _weight(d_guide, w)
             self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
             return out
-        return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
+        return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
+                         d_uncond=d_uncond, cfg_scale=cfg_scale)
 
-
-    def multistep(self, x, d_main, d_guide, w, history, step, out: torch.Tensor) -> torch.Tensor:
+    def multistep(self, x, d_main, d_guide, w, history, step, out: torch.Tensor, *,
+                  d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = the multistep update ``step`` (a, b, read, write: see :func:`multistep_step`) from x."""
         kernel = None if self._kernels is None else self._kernels.get("multistep_step")
-        if kernel is not None and self._direct(out, (x, d_main, d_guide)):
+        if d_uncond is None and kernel is not None and self._direct(out, (x, d_main, d_guide)):
             g, g_vec = _weight(d_guide, w)
             b = step.b + (0.0,) * (3 - len(step.b))
             read = step.read + (-1,) * (2 - len(step.read))
             kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write)
             return out
         return multistep_step(x, d_main, d_guide, w, history, step.a, step.b, read=step.read, write=step.write,
-                              out=out, backend=self.backend)
+                              out=out, backend=self.backend, d_uncond=d_uncond, cfg_scale=cfg_scale)
 
 
 def _weight(d_guide, w):
