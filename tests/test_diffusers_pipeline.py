@@ -142,7 +142,7 @@ def _reference64(pipe, family, guide, e, lat, steps, w_cfg, w_ag, solver):
     pipe.scheduler.set_timesteps(steps)
     sig = pipe.scheduler.sigmas.double().tolist()
     ts = list(pipe.scheduler.timesteps)
-    if solver == "heun":
+    if type(pipe.scheduler).__name__ == "HeunDiscreteScheduler":
         sig, ts = [sig[0]] + sig[1::2], [ts[0]] + ts[1::2]
     pred = "flow" if family == "sd3" else pipe.scheduler.config.prediction_type
     main = _net64(family, pipe.transformer if family == "sd3" else pipe.unet, pred)
@@ -175,7 +175,18 @@ def _reference64(pipe, family, guide, e, lat, steps, w_cfg, w_ag, solver):
     for i in range(n):
         s, sn = sig[i], sig[i + 1]
         d = D(x, s, ts[i])
-        if solver == "dpmpp_2m":
+        if solver == "dpmpp_2m" and family == "sd3":
+            # Flow: x_t in lambda = log((1 - t) / t) (-inf at t = 1), data prediction, 2M midpoint:
+            # x' = (t'/t) x + (1 - t')(1 - e^-h) D', D' = (1 + 1/(2r)) D - D_prev/(2r), r = h_prev / h.
+            lam = [-math.inf if v == 1 else (math.inf if v == 0 else math.log((1 - v) / v)) for v in sig]
+            h = lam[i + 1] - lam[i]
+            dd = d
+            if prev is not None and sn > 0:
+                r = (lam[i] - lam[i - 1]) / h
+                dd = (1 + 1 / (2 * r)) * d - prev / (2 * r)
+            x = (sn / s) * x + (1 - sn) * (-math.expm1(-h)) * dd
+            prev = d
+        elif solver == "dpmpp_2m":
             # In the EDM variable, lambda = -log sigma: x' = (sn/s) x + (1 - sn/s) D', D' the 2M combination.
             if sn == 0:
                 x = d
@@ -200,6 +211,8 @@ AG_CASES = [
     ("sd", "EulerDiscreteScheduler", "epsilon", "dpmpp_2m"),
     ("sdxl", "EulerDiscreteScheduler", "epsilon", "euler"),
     ("sd3", "FlowMatchEulerDiscreteScheduler", "flow", "euler"),
+    ("sd3", "FlowMatchEulerDiscreteScheduler", "flow", "heun"),
+    ("sd3", "FlowMatchEulerDiscreteScheduler", "flow", "dpmpp_2m"),
 ]
 
 

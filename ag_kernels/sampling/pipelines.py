@@ -277,24 +277,10 @@ class _Run:
         return x
 
 
-_THREE_OUTPUT = "d_uncond" in inspect.signature(ops.euler_step).parameters
-
-
 def _op(op, lead, d_main, d_guide, w_ag, d_uncond, w_cfg, rest, kw):
     """``op(*lead, d_main, d_guide, w_ag, *rest, d_uncond=, cfg_scale=, **kw)``: the fused three-output step."""
-    if d_uncond is None:
-        return op(*lead, d_main, d_guide, 1.0 if d_guide is None else w_ag, *rest, **kw)
-    if _THREE_OUTPUT:
-        return op(*lead, d_main, d_guide, 1.0 if d_guide is None else w_ag, *rest, d_uncond=d_uncond,
-                  cfg_scale=w_cfg, **kw)
-    if d_guide is None:  # CFG alone is the one-guide op with the unconditional output as the guide
-        return op(*lead, d_main, d_uncond, w_cfg, *rest, **kw)
-    d = d_main + _bcast(w_cfg - 1, d_main) * (d_main - d_uncond) + _bcast(w_ag - 1, d_main) * (d_main - d_guide)
-    return op(*lead, d, None, 1.0, *rest, **kw)
-
-
-def _bcast(w, like):
-    return w.view(-1, *([1] * (like.dim() - 1))) if isinstance(w, torch.Tensor) else w
+    return op(*lead, d_main, d_guide, 1.0 if d_guide is None else w_ag, *rest, d_uncond=d_uncond,
+              cfg_scale=1.0 if d_uncond is None else w_cfg, **kw)
 
 
 def _multistep(solver: str, sig: List[float], i: int, lower_order_final: bool, flow: bool):
