@@ -105,13 +105,18 @@ class DiffusersDenoiser:
         self.extra = {k: v for k, v in (extra or {}).items() if v is not None}
         p = next(iter(model.parameters()))
         self.device, self.dtype = p.device, p.dtype
+        self._scales: Dict[float, float] = {}
 
     def model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """What the network sees at noise level sigma: x / sqrt(sigma^2 + 1) (flow: x_t itself)."""
         if self.prediction == "flow":
             return x
-        # As the schedulers' scale_model_input: the factor rounded to float32 first.
-        return x / float(torch.tensor(sigma * sigma + 1.0, dtype=torch.float32).sqrt())
+        scale = self._scales.get(sigma)
+        if scale is None:
+            # As the schedulers' scale_model_input: sqrt(sigma^2 + 1) evaluated in float32.
+            s = torch.tensor(sigma, dtype=torch.float32)
+            scale = self._scales[sigma] = float((s ** 2 + 1) ** 0.5)
+        return x / scale
 
     def raw(self, model_in: torch.Tensor, timestep: torch.Tensor, cond: Dict[str, Any]) -> torch.Tensor:
         """The network's own output for input ``model_in`` (cast to its device and dtype)."""
@@ -124,7 +129,8 @@ class DiffusersDenoiser:
         return self.model(hidden_states=inp, timestep=t, return_dict=False, **cond, **self.extra)[0]
 
     def denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: float) -> torch.Tensor:
-        """D from the network's output ``out`` at (x, sigma), in x's dtype and device."""
+        """D from the network's output ``out`` at (x, sigma), in x's dtype and device.  ``out`` may
+        stack several outputs for x in a leading dimension (k, *x.shape): one pass for all of them."""
         out = out.to(x.device)
         p = self.prediction
         if p == "epsilon" or p == "flow":

@@ -17,6 +17,7 @@ then one fused op per step.  diffusers is imported only here, when a pipeline is
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -244,8 +245,7 @@ class _Run:
         if w_cfg is not None:
             # One batched call [uncond, cond], as the pipelines make it.
             out = main.raw(torch.cat([inp, inp]), timestep, self.cond["both"])
-            out_u, out_c = out.chunk(2)
-            d_uncond, d_main = main.denoised(x, out_u, sigma), main.denoised(x, out_c, sigma)
+            d_uncond, d_main = main.denoised(x, out.view(2, *x.shape), sigma).unbind(0)
         else:
             d_uncond, d_main = None, main.denoised(x, main.raw(inp, timestep, self.cond["c"]), sigma)
         d_guide = None
@@ -278,7 +278,12 @@ class _Run:
 
 
 def _op(op, lead, d_main, d_guide, w_ag, d_uncond, w_cfg, rest, kw):
-    """``op(*lead, d_main, d_guide, w_ag, *rest, d_uncond=, cfg_scale=, **kw)``: the fused three-output step."""
+    """``op(*lead, d_main, d_guide, w_ag, *rest, d_uncond=, cfg_scale=, **kw)``: the fused three-output step.
+
+    With one guidance term only, the one-guide form of the op: CFG alone is D1(u) + w_cfg (D1(c) - D1(u)).
+    """
+    if d_guide is None and d_uncond is not None:
+        return op(*lead, d_main, d_uncond, w_cfg, *rest, **kw)
     return op(*lead, d_main, d_guide, 1.0 if d_guide is None else w_ag, *rest, d_uncond=d_uncond,
               cfg_scale=1.0 if d_uncond is None else w_cfg, **kw)
 
@@ -465,7 +470,7 @@ def _finish(pipe, family, latents, args, device, cond):
 
 def _pipeline_arguments(pipe, given: Dict[str, Any]) -> Dict[str, Any]:
     """The pipeline's call arguments with its defaults filled in; unknown or unsupported ones refused by name."""
-    params = inspect.signature(type(pipe).__call__).parameters
+    params = _parameters(type(pipe).__call__)
     args = {k: p.default for k, p in params.items()
             if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     for key, value in given.items():
@@ -568,9 +573,15 @@ def _default_size(pipe, family) -> int:
     return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(fn):
+    """The parameters of a function (inspect.signature takes about 0.1 ms: once per function)."""
+    return inspect.signature(fn).parameters
+
+
 def _call_with(fn, args: Dict[str, Any], **fixed):
     """``fn`` called with those of its parameters that ``fixed`` or ``args`` name."""
-    params = inspect.signature(fn).parameters
+    params = _parameters(getattr(fn, "__func__", fn))
     kw = {k: (fixed[k] if k in fixed else args[k]) for k in params if k in fixed or k in args}
     return fn(**kw)
 
