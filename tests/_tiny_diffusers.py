@@ -23,6 +23,22 @@ SEQ = 5          # prompt embedding length (given embeddings)
 TOKENS = 16      # the tiny tokenizer's and text encoders' sequence length
 
 
+def preload():
+    """Import the diffusers and transformers modules these builders and the pipelines use."""
+    import diffusers
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput  # noqa: F401
+    from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput  # noqa: F401
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift  # noqa: F401
+    from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+    for name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "DiffusionPipeline",
+                 "UNet2DConditionModel", "SD3Transformer2DModel", "AutoencoderKL", "EulerDiscreteScheduler",
+                 "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+                 "DDIMScheduler"):
+        getattr(diffusers, name)
+
+
 def _seeded(seed, build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -14,6 +14,10 @@ from PIL import Image
 
 import _tiny_diffusers as T
 
+# Imported once, at collection: conftest restores the diffusers modules present before each test,
+# so the pipelines' modules loaded here are not imported again for every test (seconds each).
+T.preload()
+
 import ag_kernels
 from ag_kernels.commands.main import main
 

@@ -19,6 +19,10 @@ import torch
 
 import _tiny_diffusers as T
 
+# Imported once, at collection: conftest restores the diffusers modules present before each test,
+# so the pipelines' modules loaded here are not imported again for every test (seconds each).
+T.preload()
+
 import ag_kernels
 
 TOL = 2e-5
@@ -332,19 +336,58 @@ def test_bad_autoguidance_weight_with_guide_refused_before_any_network():
 # --------------------------------------------------------------------------- imports
 
 
-def test_import_and_edm_path_never_import_diffusers():
+def test_import_and_edm_path_never_import_diffusers_and_without_it_one_clear_error():
+    # One interpreter for both (its start-up is most of the time): the EDM path first, then diffusers made absent.
     code = ("import sys, torch, ag_kernels\n"
             "from ag_kernels import edm_sampler, TinyDenoiser\n"
             "net = TinyDenoiser(img_channels=2, img_resolution=4)\n"
             "edm_sampler(net, torch.randn(1, 2, 4, 4), num_steps=2)\n"
             "ag_kernels.AutoguidedPipeline\n"
-            "assert 'diffusers' not in sys.modules, 'diffusers imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_without_diffusers_one_clear_error():
-    code = ("import sys\nsys.modules['diffusers'] = None\nimport ag_kernels\n"
+            "assert 'diffusers' not in sys.modules, 'diffusers imported'\n"
+            "sys.modules['diffusers'] = None\n"
             "try:\n    ag_kernels.AutoguidedPipeline.from_pipe(object())\n"
             "except ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert 'pip install -e ".[diffusers]"' in out
+
+
+# --------------------------------------------------------------------------- text encoders, generators, dtypes, shards
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_text_prompts_and_generator_equal_diffusers(family):
+    # The pipeline's own prompt encoding (tiny CLIP), its latents from a generator, two images per prompt.
+    pipe = T.sd_pipeline(text_encoder=True) if family == "sd" else T.sdxl_pipeline(text_encoder=True)
+    call = dict(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], num_images_per_prompt=2,
+                num_inference_steps=3, guidance_scale=3.0, output_type="latent")
+    ref = pipe(generator=torch.Generator().manual_seed(1), **call).images
+    out = ag_kernels.AutoguidedPipeline.from_pipe(pipe)(generator=torch.Generator().manual_seed(1), **call).images
+    assert out.shape == (4, 4, 8, 8) and _rel(out, ref) <= TOL
+
+
+def test_guide_in_another_dtype():
+    pipe = T.sd_pipeline("EulerDiscreteScheduler")
+    e, lat = T.embeds(2), T.latents(2)
+    call = dict(e, num_inference_steps=3, guidance_scale=2.0, autoguidance_scale=2.0, output_type="latent")
+    f32 = ag_kernels.AutoguidedPipeline.from_pipe(pipe, guide=T.tiny_unet(seed=5))(latents=lat.clone(), **call).images
+    bf16 = ag_kernels.AutoguidedPipeline.from_pipe(pipe, guide=T.tiny_unet(seed=5).to(torch.bfloat16))(
+        latents=lat.clone(), **call).images
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert 0 < _rel(bf16, f32) < 2e-2  # the guide ran in bfloat16 (not equal), on the same inputs (close)
+
+
+def test_generate_shards_seeds_over_ranks(monkeypatch):
+    from ag_kernels.sampling import generation
+
+    pipe = T.sd_pipeline("EulerDiscreteScheduler")
+    ag = ag_kernels.AutoguidedPipeline.from_pipe(pipe)
+    kw = dict(seeds=range(5), batch_size=1, progress=False, prompt_embeds=T.embeds(1)["prompt_embeds"],
+              num_inference_steps=2, guidance_scale=1.0)
+    single = {s: b.samples[k] for b in ag.generate(**kw) for k, s in enumerate(b.seeds)}
+    union = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(generation, "_distributed", lambda device=None, rank=rank: (rank, 2))
+        mine = {s: b.samples[k] for b in ag.generate(**kw) for k, s in enumerate(b.seeds)}
+        assert sorted(mine) == list(range(rank, 5, 2))
+        union.update(mine)
+    assert sorted(union) == list(range(5)) and all(torch.equal(union[s], single[s]) for s in single)
