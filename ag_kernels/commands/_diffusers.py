@@ -62,11 +62,6 @@ def prepare(args, device, seeds, interval, outdir, check_settings, usage_error):
             raise usage_error(f"{flag} is not used with --diffusers (EDM networks only)")
     if args.prompt is None:
         raise usage_error("--diffusers needs --prompt TEXT")
-    from .generate import _F32_MAX, _number
-
-    if args.cfg is not None:
-        _number("--cfg", args.cfg, lo=-_F32_MAX, hi=_F32_MAX)
-    _number("--autoguidance", args.autoguidance, lo=-_F32_MAX, hi=_F32_MAX)
     use_guide = args.autoguidance != 1
     if use_guide and args.guide is None:
         raise usage_error(f"--autoguidance {args.autoguidance:g} needs a guide network: pass --guide MODEL_DIR")

@@ -358,6 +358,10 @@ def _run(args) -> int:
     if args.diffusers is not None:
         from . import _diffusers
 
+        if args.cfg is not None:
+            _number("--cfg", args.cfg, lo=-_F32_MAX, hi=_F32_MAX)
+        _number("--autoguidance", args.autoguidance, lo=-_F32_MAX, hi=_F32_MAX)
+
         runs, settings = _diffusers.prepare(args, device, seeds, interval, outdir, _check_settings, UsageError)
         return _drain(args, runs, outdir, settings, seeds, _diffusers.flagify)
 
