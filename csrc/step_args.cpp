@@ -5,6 +5,7 @@
 // garbage, and name the offending argument.
 #include "step_args.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace ag_kernels {
@@ -132,6 +133,9 @@ StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, c
               "ag_kernels::", op, ": history must have shape (K, *out.shape) with K >= 1, got ", history.sizes());
   TORCH_CHECK(history.is_contiguous(), "ag_kernels::", op, ": history must be contiguous, got strides ",
               history.strides());
+  // The op reads history slots while it writes out: a shared byte would be read after it was overwritten.
+  TORCH_CHECK(out.numel() == 0 || at::get_overlap_status(out, history) == at::MemOverlapStatus::No, "ag_kernels::", op,
+              ": out overlaps history; pass a separate tensor");
   const int64_t slots = history.size(0);
   const int64_t slot[3] = {read1, read2, write};
   const char* names[3] = {"read1", "read2", "write"};
