@@ -211,3 +211,40 @@ def test_direct_kernel_op(backend, gen):
         with pytest.raises(RuntimeError, match="read1 must be a history slot"):
             torch.ops.ag_kernels.multistep_step(out, hist, x, d_main, None, None, 1.0, 0.0, 1.0, 0.0, 0.0,
                                                 2, -1, 0)
+
+
+def _bad_history_calls():
+    """(id, exception, message, call(op, x, d_main)): calls the direct kernel ops must refuse."""
+    return [
+        ("dtype", TypeError, "history must have out's dtype",
+         lambda op, x, d: op(torch.empty(3, 33), torch.zeros(2, 3, 33, dtype=torch.float64), x, d, None, None,
+                             1.0, 0.0, 1.0, 0.0, 0.0, -1, -1, 0)),
+        ("noncontiguous", RuntimeError, "history must be contiguous",
+         lambda op, x, d: op(torch.empty(3, 33), torch.zeros(3, 33, 2).permute(2, 0, 1), x, d, None, None,
+                             1.0, 0.0, 1.0, 0.0, 0.0, -1, -1, 0)),
+        ("shape", RuntimeError, "history must have shape",
+         lambda op, x, d: op(torch.empty(3, 33), torch.zeros(3, 33), x, d, None, None,
+                             1.0, 0.0, 1.0, 0.0, 0.0, -1, -1, 0)),
+        ("slot", RuntimeError, "read1 must be a history slot",
+         lambda op, x, d: op(torch.empty(3, 33), torch.zeros(2, 3, 33), x, d, None, None,
+                             1.0, 0.0, 1.0, 0.0, 0.0, 2, -1, 0)),
+        ("out_is_a_slot", RuntimeError, "out overlaps history",
+         lambda op, x, d: (lambda h: op(h[1], h, x, d, None, None, 1.0, 0.0, 1.0, 0.5, 0.0, 1, -1, 0))(
+             torch.zeros(2, 3, 33))),
+        ("out_straddles_slots", RuntimeError, "out overlaps history",
+         lambda op, x, d: (lambda h: op(h.view(-1)[50:149].view(3, 33), h, x, d, None, None,
+                                        1.0, 0.0, 1.0, 0.0, 0.0, -1, -1, 0))(torch.zeros(2, 3, 33))),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("case", _bad_history_calls(), ids=lambda c: c[0])
+def test_direct_kernel_op_refuses_bad_history(backend, case, gen):
+    """The kernel ops check the history ring themselves (the Triton op as the extension's), out overlap included."""
+    require(backend, "cpu")
+    from ag_kernels.kernels._launch import _kernel_op
+
+    _, exc, match, call = case
+    x, _, d_main, _ = make_inputs((3, 33), torch.float32, torch.float32, "cpu", gen, 1.0)
+    with pytest.raises(exc, match=match):
+        call(_kernel_op(backend, "multistep_step"), x, d_main)

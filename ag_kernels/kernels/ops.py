@@ -207,7 +207,7 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
     if ref.numel() == 0 and not grad:
         return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
 
-    if chosen == "torch" or uncond is not None:  # TODO(i31k): the kernels' three-output path
+    if chosen == "torch" or (uncond is not None and not _three_outputs(chosen, ref.device)):
         result = reference_fn()
         if out is None:
             return result
@@ -216,8 +216,13 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
     if grad:
         from . import _autograd
 
-        return _autograd.apply(name, chosen, out_dtype, tensors, params, lead, trail)
-    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail)
+        return _autograd.apply(name, chosen, out_dtype, tensors, params, lead, trail, uncond)
+    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail, uncond)
+
+
+def _three_outputs(chosen: str, device: torch.device) -> bool:
+    """The kernel backend ``chosen`` fuses CFG's third output on ``device`` (else the reference runs)."""
+    return chosen == "ext" and device.type == "cpu"  # TODO(i31k): Triton and CUDA
 
 
 # --------------------------------------------------------------------------- public ops

@@ -68,6 +68,12 @@ if triton is not None:
         return D_w
 
     @triton.jit
+    def _slot_offsets(slot, n_elements, offs):
+        # A history slot's element offsets in 64 bits.  tl.cast, not slot.to: an int argument equal to 1
+        # is specialized by the launcher into a compile-time constant, which has no .to method.
+        return tl.cast(slot, tl.int64) * n_elements + offs
+
+    @triton.jit
     def _multistep_kernel(
         out_ptr, hist_ptr, x_ptr, dm_ptr, dg_ptr, g_ptr, g_stride, g_val: tl.float64,
         a_val: tl.float64, b0_val: tl.float64, b1_val: tl.float64, b2_val: tl.float64,
@@ -89,14 +95,14 @@ if triton is not None:
         result = tl.full((), a_val, tl.float64).to(dtype) * x + tl.full((), b0_val, tl.float64).to(dtype) * D_w
         # Both slots are read before D_w is written: the write slot may be a read one.
         if READ1:
-            h1 = tl.load(hist_ptr + read1.to(tl.int64) * n_elements + offs, mask=mask)
+            h1 = tl.load(hist_ptr + _slot_offsets(read1, n_elements, offs), mask=mask)
             result = result + tl.full((), b1_val, tl.float64).to(dtype) * h1
         if READ2:
-            h2 = tl.load(hist_ptr + read2.to(tl.int64) * n_elements + offs, mask=mask)
+            h2 = tl.load(hist_ptr + _slot_offsets(read2, n_elements, offs), mask=mask)
             result = result + tl.full((), b2_val, tl.float64).to(dtype) * h2
         tl.store(out_ptr + offs, result.to(dtype), mask=mask)
         if WRITE:
-            tl.store(hist_ptr + write.to(tl.int64) * n_elements + offs, D_w.to(dtype), mask=mask)
+            tl.store(hist_ptr + _slot_offsets(write, n_elements, offs), D_w.to(dtype), mask=mask)
 
     @triton.jit
     def _guided_step_kernel(
@@ -173,14 +179,6 @@ def _block_config(device: torch.device):
     return 2048, 8
 
 
-def _geometry(out, any_vec):
-    """(elements, BLOCK, num_warps, rows with their own coefficients) of a launch writing ``out``."""
-    if not out.is_cuda and not INTERPRET:
-        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-    block, num_warps = _block_config(out.device)
-    return out.numel(), block, num_warps, out.shape[0] if (any_vec and out.dim() > 0) else 1
-
-
 def _device_guard(out):
     # Triton launches on the current device (its stream and context): tensors on another GPU get
     # that device made current for the launch; the usual call, on the current device, skips the guard.
@@ -188,11 +186,15 @@ def _device_guard(out):
     return torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
 
 
-def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
-    if out.numel() == 0:
-        return
+def _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, block):
+    """(grid, args, constexprs) of the ``_guided_step_kernel`` launch writing ``out`` with blocks of ``block``.
+
+    The launch and the offline compile table (:func:`compile_table`) both build their arguments here,
+    so the table compiles exactly the specializations the launcher produces.
+    """
     any_vec = g_vec is not None or s_vec is not None or sn_vec is not None
-    n, block, num_warps, rows = _geometry(out, any_vec)
+    n = out.numel()
+    rows = out.shape[0] if (any_vec and out.dim() > 0) else 1
     row_numel = n // rows
     if not any_vec:
         mode = ROWS_NONE
@@ -206,26 +208,59 @@ def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn
     else:
         blocks_per_row = 1
         grid = (triton.cdiv(n, block),)
-    guard = _device_guard(out)
     # Unused pointer arguments get a valid tensor so the launch signature stays the same.
     dummy = out
-    kernel = _guided_step_kernel if INTERPRET else torch.library.wrap_triton(_guided_step_kernel)
-    with guard:
-        kernel[grid](
-            out,
-            x if x is not None else dummy,
-            x_euler if x_euler is not None else dummy,
-            d_main,
-            d_guide if d_guide is not None else dummy,
-            g_vec if g_vec is not None else dummy, g_vec.stride(0) if g_vec is not None else 0,
-            s_vec if s_vec is not None else dummy, s_vec.stride(0) if s_vec is not None else 0,
-            sn_vec if sn_vec is not None else dummy, sn_vec.stride(0) if sn_vec is not None else 0,
-            float(g), float(s), float(sn),
-            n, row_numel, blocks_per_row,
-            OP=op, HAS_GUIDE=d_guide is not None, ROWS=mode,
-            G_VEC=g_vec is not None, S_VEC=s_vec is not None, SN_VEC=sn_vec is not None,
-            BLOCK=block, num_warps=num_warps,
-        )
+    args = (
+        out,
+        x if x is not None else dummy,
+        x_euler if x_euler is not None else dummy,
+        d_main,
+        d_guide if d_guide is not None else dummy,
+        g_vec if g_vec is not None else dummy, g_vec.stride(0) if g_vec is not None else 0,
+        s_vec if s_vec is not None else dummy, s_vec.stride(0) if s_vec is not None else 0,
+        sn_vec if sn_vec is not None else dummy, sn_vec.stride(0) if sn_vec is not None else 0,
+        float(g), float(s), float(sn),
+        n, row_numel, blocks_per_row,
+    )
+    constexprs = dict(
+        OP=op, HAS_GUIDE=d_guide is not None, ROWS=mode,
+        G_VEC=g_vec is not None, S_VEC=s_vec is not None, SN_VEC=sn_vec is not None, BLOCK=block,
+    )
+    return grid, args, constexprs
+
+
+def _multistep_launch(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block):
+    """(grid, args, constexprs) of the ``_multistep_kernel`` launch writing ``out`` (see :func:`_step_launch`)."""
+    n = out.numel()
+    rows = out.shape[0] if (g_vec is not None and out.dim() > 0) else 1
+    args = (
+        out, history, x, d_main, d_guide if d_guide is not None else out,
+        g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
+        float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
+    )
+    constexprs = dict(
+        HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
+        WRITE=write >= 0, BLOCK=block,
+    )
+    return (triton.cdiv(n, block),), args, constexprs
+
+
+def _run(kernel, out, launch):
+    """Launches ``kernel`` with the (grid, args, constexprs) that ``launch(block)`` builds for ``out``."""
+    if not out.is_cuda and not INTERPRET:
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    block, num_warps = _block_config(out.device)
+    grid, args, constexprs = launch(block)
+    runner = kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    with _device_guard(out):
+        runner[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+    if out.numel() == 0:
+        return
+    _run(_guided_step_kernel, out,
+         lambda block: _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, block))
 
 
 def _register(name, fn, mutates=("out",)):
@@ -279,18 +314,38 @@ def triton_multistep_step(
     write: int,
 ) -> None:
     """out = a x + b0 D_w + b1 history[read1] + b2 history[read2]; history[write] = D_w (slot -1: none)."""
+    _check_history(out, history, read1, read2, write)
     if out.numel() == 0:
         return
-    n, block, num_warps, rows = _geometry(out, g_vec is not None)
-    kernel = _multistep_kernel if INTERPRET else torch.library.wrap_triton(_multistep_kernel)
-    with _device_guard(out):
-        kernel[(triton.cdiv(n, block),)](
-            out, history, x, d_main, d_guide if d_guide is not None else out,
-            g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
-            float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
-            HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
-            WRITE=write >= 0, BLOCK=block, num_warps=num_warps,
-        )
+    _run(_multistep_kernel, out, lambda block: _multistep_launch(
+        out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block))
+
+
+def _check_history(out, history, read1, read2, write):
+    """The extension op's checks of the history ring (csrc/step_args.cpp): the same errors and messages."""
+    op = "ag_kernels_triton::multistep_step"
+    if history.device != out.device:
+        raise RuntimeError(f"{op}: history is on {history.device} but out is on {out.device}")
+    if history.dtype != out.dtype:
+        raise TypeError(f"{op}: history must have out's dtype {out.dtype}, got {history.dtype}")
+    if history.dim() != out.dim() + 1 or history.shape[0] < 1 or history.shape[1:] != out.shape:
+        raise RuntimeError(f"{op}: history must have shape (K, *out.shape) with K >= 1, got {tuple(history.shape)}")
+    if not history.is_contiguous():
+        raise RuntimeError(f"{op}: history must be contiguous, got strides {history.stride()}")
+    for name, slot in (("read1", read1), ("read2", read2), ("write", write)):
+        if not -1 <= slot < history.shape[0]:
+            raise RuntimeError(f"{op}: {name} must be a history slot in [0, {history.shape[0]}) or -1 (none), got {slot}")
+    # Under torch.compile the tensors are fake (no addresses) and the public API writes a fresh out.
+    if out.numel() and not torch.compiler.is_compiling() and _overlaps(out, history):
+        raise RuntimeError(f"{op}: out overlaps history; pass a separate tensor")
+
+
+def _overlaps(a, b):
+    """Whether the byte ranges of two dense tensors intersect (same storage only)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 if triton is not None:

@@ -1,21 +1,43 @@
-// CUDA implementation of the guided-step ops: one pass over memory, 16-byte loads, grid-stride.
+// CUDA implementation of the guided-step ops, shared by their translation units: one pass over
+// memory, 16-byte loads, grid-stride.
+//
+// Layout: this header holds the templates; each op's <op>_cuda.cu instantiates them for that op only
+// (cuda_step<OP> below), so ninja compiles the ops in parallel; register_cuda.cu registers the ops.
 //
 // One kernel template covers every op and dtype combination: OP and HAS_GUIDE pick the math
 // (step_math.h, shared with the CPU), T is x's dtype, DM/DG the network outputs' dtypes, which
 // are converted in registers.  Offsets are 64-bit.  The launch allocates nothing and never
 // synchronizes, so the ops can be captured in a CUDA graph.
+#pragma once
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#include "../ops.h"
+#include "../step_args.h"
 
 namespace ag_kernels {
+
+// The CUDA implementation of op OP (kDenoise ... kMultistep): one specialization per op, each defined
+// in that op's translation unit.
+template <int OP>
+void cuda_step(const StepArgs& a);
+template <>
+void cuda_step<kDenoise>(const StepArgs& a);
+template <>
+void cuda_step<kEuler>(const StepArgs& a);
+template <>
+void cuda_step<kHeun>(const StepArgs& a);
+template <>
+void cuda_step<kScore>(const StepArgs& a);
+template <>
+void cuda_step<kMultistep>(const StepArgs& a);
+
+// Internal linkage: every translation unit has its own copy of the templates it instantiates.
 namespace {
 
 constexpr int kThreads = 256;
@@ -110,10 +132,10 @@ __global__ void __launch_bounds__(kThreads) guided_step_kernel(const StepArgs a,
   }
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Multiprocessors of the current device (a host-side attribute query: no sync, capture-safe).
-int64_t multiprocessors() {
+inline int64_t multiprocessors() {
   int device = 0, count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
@@ -160,32 +182,28 @@ void with_d_type(DType type, F&& f) {
   }
 }
 
-struct Cuda {
-  template <int OP>
-  static void run(const StepArgs& a) {
-    if (a.numel == 0) return;
-    const c10::cuda::CUDAGuard guard(a.device);
-    auto for_x = [&](auto x_value) {
-      using T = decltype(x_value);
-      with_d_type(a.d_main_type, [&](auto dm_value) {
-        using DM = decltype(dm_value);
-        if (a.d_guide == nullptr) {
-          launch<OP, false, T, DM, DM>(a);
-        } else {
-          with_d_type(a.d_guide_type, [&](auto dg_value) { launch<OP, true, T, DM, decltype(dg_value)>(a); });
-        }
-      });
-    };
-    if (a.x_type == at::kDouble) {
-      for_x(double());
-    } else {
-      for_x(float());
-    }
+// Every kernel of op OP: x's dtype by the network outputs' dtypes, with and without guidance.
+template <int OP>
+void run_step(const StepArgs& a) {
+  if (a.numel == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device);
+  auto for_x = [&](auto x_value) {
+    using T = decltype(x_value);
+    with_d_type(a.d_main_type, [&](auto dm_value) {
+      using DM = decltype(dm_value);
+      if (a.d_guide == nullptr) {
+        launch<OP, false, T, DM, DM>(a);
+      } else {
+        with_d_type(a.d_guide_type, [&](auto dg_value) { launch<OP, true, T, DM, decltype(dg_value)>(a); });
+      }
+    });
+  };
+  if (a.x_type == at::kDouble) {
+    for_x(double());
+  } else {
+    for_x(float());
   }
-};
+}
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ag_kernels, CUDA, m) { AG_KERNELS_REGISTER_STEP_OPS(m, Cuda); }
-
 }  // namespace ag_kernels
