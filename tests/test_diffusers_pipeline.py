@@ -391,3 +391,25 @@ def test_generate_shards_seeds_over_ranks(monkeypatch):
         assert sorted(mine) == list(range(rank, 5, 2))
         union.update(mine)
     assert sorted(union) == list(range(5)) and all(torch.equal(union[s], single[s]) for s in single)
+
+
+def test_guide_given_as_a_pipeline_uses_its_prediction_type():
+    # An epsilon main pipeline guided by a v-prediction pipeline's UNet: each output converted by its own rule.
+    pipe = T.sd_pipeline("EulerDiscreteScheduler")
+    guide_pipe = T.sd_pipeline("EulerDiscreteScheduler", prediction_type="v_prediction", seed=5)
+    e, lat = T.embeds(2), T.latents(2)
+    kw = {k: v for k, v in e.items() if not k.startswith("negative")}
+    out = ag_kernels.AutoguidedPipeline.from_pipe(pipe, guide=guide_pipe)(
+        **kw, latents=lat.clone(), num_inference_steps=3, autoguidance_scale=2.0, guidance_scale=1.0,
+        output_type="latent").images
+    pipe.scheduler.set_timesteps(3)
+    sig, ts = pipe.scheduler.sigmas.double().tolist(), list(pipe.scheduler.timesteps)
+    main, guide = _net64("sd", pipe.unet, "epsilon"), _net64("sd", guide_pipe.unet, "v_prediction")
+    c = {"encoder_hidden_states": e["prompt_embeds"]}
+    x = lat.double() * float(pipe.scheduler.init_noise_sigma)
+    with torch.no_grad():
+        for i in range(3):
+            dm = main(x, sig[i], ts[i], c)
+            d = dm + (dm - guide(x, sig[i], ts[i], c))
+            x = x + (sig[i + 1] - sig[i]) * (x - d) / sig[i]
+    assert _rel(out, x) <= TOL

@@ -59,7 +59,7 @@ _FITS = {
              ("addition time embedding width", "addition_time_embed_dim"),
              ("timestep conditioning width", "time_cond_proj_dim")),
     "transformer": (("latent channels", "in_channels"), ("output channels", "out_channels"),
-                    ("patch size", "patch_size"), ("conditioning width", "joint_attention_dim"),
+                    ("conditioning width", "joint_attention_dim"),
                     ("pooled conditioning width", "pooled_projection_dim")),
 }
 
