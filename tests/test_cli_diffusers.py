@@ -27,6 +27,11 @@ def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("diffusers")
     T.sd_pipeline(text_encoder=True).save_pretrained(d / "pipe")
     T.tiny_unet(seed=5).save_pretrained(d / "guide")
+    ddim = T.sd_pipeline(text_encoder=True)
+    import diffusers
+
+    ddim.scheduler = diffusers.DDIMScheduler.from_config(ddim.scheduler.config)
+    ddim.save_pretrained(d / "ddim")
     (d / "empty").mkdir()
     (d / "a_file").write_text("x")
     return d
@@ -85,6 +90,7 @@ def test_generate_diffusers_writes_the_api_images_and_resumes(folders, tmp_path,
     (lambda d, a: a.__setitem__(2, str(d / "empty")), "--diffusers: "),
     (lambda d, a: a.__setitem__(2, str(d / "a_file")), "--diffusers: not a folder"),
     (lambda d, a: a.__setitem__(2, str(d / "guide")), "--diffusers: "),
+    (lambda d, a: a.__setitem__(2, str(d / "ddim")), "--diffusers (its scheduler): DDIMScheduler is not supported"),
     (lambda d, a: a.__setitem__(4, str(d / "missing")), "--guide: no such folder"),
     (lambda d, a: a.__setitem__(4, str(d / "empty")), "--guide: "),
     (lambda d, a: a.__delitem__(slice(3, 5)), "--autoguidance 2 needs a guide"),

@@ -15,7 +15,7 @@ import re
 # Names in messages from the Python API, as the flags that set them.
 _FLAGS = {"autoguidance_scale": "--autoguidance", "guidance_scale": "--cfg", "num_inference_steps": "--steps",
           "guidance_interval": "--guidance-interval", "negative_prompt": "--negative-prompt", "prompt": "--prompt",
-          "guide": "--guide", "pipe.scheduler": "--diffusers", "pipe": "--diffusers", "solver": "--solver",
+          "guide": "--guide", "pipe.scheduler": "--diffusers (its scheduler)", "pipe": "--diffusers", "solver": "--solver",
           "backend": "--backend", "outdir": "--outdir", "seeds": "--seeds", "batch_size": "--batch"}
 _FLAG_RE = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(_FLAGS, key=len, reverse=True))) + r")\b")
 # EDM-only flags and the value that means "not given".
