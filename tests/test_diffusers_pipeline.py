@@ -301,6 +301,7 @@ def test_refused_pipeline_scheduler_and_guides():
     (dict(guidance_scale=float("inf")), ValueError, "guidance_scale must be finite"),
     (dict(latents=T.latents(3)), ValueError, "latents: batch of 3"),
     (dict(solver="ddim"), ValueError, "solver must be one of"),
+    (dict(backend="nonesuch"), ValueError, "nonesuch"),
     (dict(guidance_interval=(2.0, 1.0)), ValueError, "guidance_interval"),
     (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
     (dict(guidance_rescale=0.7), ValueError, "guidance_rescale: not supported"),

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..kernels import ops
+from ..kernels._backends import resolve_backend
 from ..models.diffusers_models import DiffusersDenoiser, check_guide_fits, require_diffusers
 from ._plan import MULTISTEP, _dpmpp_coefficients
 from ._settings import _real
@@ -130,8 +131,9 @@ class AutoguidedPipeline:
         args["height"] = args["height"] or _default_size(pipe, family)
         args["width"] = args["width"] or _default_size(pipe, family)
         _call_with(pipe.check_inputs, args, callback_steps=None)
-
         device = pipe._execution_device
+        resolve_backend(backend, device)  # an unknown backend, or one that cannot run there: refused now
+
         cond = _encode(pipe, family, args, device, do_cfg, images)
         sig, ts, latents = self._schedule_and_latents(args, device, cond["dtype"], images, space)
         main = DiffusersDenoiser(_denoiser_of(pipe, family), "flow" if family == "sd3" else
