@@ -23,11 +23,17 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["DiffusersDenoiser", "PREDICTIONS", "require_diffusers", "denoiser_family", "check_guide_fits"]
+__all__ = ["DiffusersDenoiser", "PREDICTIONS", "UnsupportedModelError", "require_diffusers", "denoiser_family",
+           "check_guide_fits"]
 
 # Parameterizations D is formed from; "flow" is flow matching's velocity in its own time t.
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 INSTALL_HINT = 'pip install -e ".[diffusers]"'
+
+
+class UnsupportedModelError(TypeError, ValueError):
+    """A pipeline or network of a class this path does not take: a wrong type and a wrong value
+    alike, so ``except TypeError`` and ``except ValueError`` both catch it."""
 
 
 def require_diffusers():
@@ -47,7 +53,8 @@ def denoiser_family(model) -> str:
         return "unet"
     if isinstance(model, diffusers.SD3Transformer2DModel):
         return "transformer"
-    raise TypeError(f"expected a diffusers UNet2DConditionModel or SD3Transformer2DModel, got {type(model).__name__}")
+    raise UnsupportedModelError("expected a diffusers UNet2DConditionModel or SD3Transformer2DModel, "
+                                f"got {type(model).__name__}")
 
 
 # Config entries that must agree between a main network and its guide: what the latents and the
@@ -69,10 +76,10 @@ def check_guide_fits(main, guide, name: str = "guide") -> None:
     family = denoiser_family(main)
     try:
         guide_family = denoiser_family(guide)
-    except TypeError as exc:
-        raise TypeError(f"{name}: {exc}") from None
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{name}: {exc}") from None
     if guide_family != family:
-        raise TypeError(f"{name}: a {type(guide).__name__} cannot guide a {type(main).__name__} (another "
+        raise UnsupportedModelError(f"{name}: a {type(guide).__name__} cannot guide a {type(main).__name__} (another "
                         "family of network); pass a guide of the main network's class")
     for what, key in _FITS[family]:
         a, b = main.config.get(key), guide.config.get(key)

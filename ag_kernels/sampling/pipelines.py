@@ -27,7 +27,7 @@ import torch
 
 from ..kernels import ops
 from ..kernels._backends import resolve_backend
-from ..models.diffusers_models import DiffusersDenoiser, check_guide_fits, require_diffusers
+from ..models.diffusers_models import DiffusersDenoiser, UnsupportedModelError, check_guide_fits, require_diffusers
 from ._plan import MULTISTEP, _dpmpp_coefficients
 from ._settings import _real
 from .generation import GeneratedBatch, _batches, _check_options, _place
@@ -89,7 +89,7 @@ class AutoguidedPipeline:
             if isinstance(pipe, getattr(diffusers, name)):
                 family = fam
         if family is None:
-            raise TypeError(f"pipe: {type(pipe).__name__} is not supported; supported pipelines: "
+            raise UnsupportedModelError(f"pipe: {type(pipe).__name__} is not supported; supported pipelines: "
                             f"{', '.join(PIPELINES)}")
         main = _denoiser_of(pipe, family)
         guide_prediction = None
