@@ -132,7 +132,8 @@ def test_gradients_match_the_torch_backend(op, backend, d_dtype, guide, cfg, gen
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_opcheck(op, gen):
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_opcheck(op, cfg, gen):
     backend = KERNEL_BACKENDS[0] if KERNEL_BACKENDS else pytest.skip("no kernel backend on the CPU here")
     args = _inputs(op, (3, 4), torch.float64, torch.float32, True, gen)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -145,6 +146,9 @@ def test_opcheck(op, gen):
     else:
         *ts, g, s, sn = args
         op_args = (backend, *ts, g, s, sn, 1.0, 1.0, 1.0)
+    if cfg:
+        kw = _cfg_inputs(args, torch.float64, True, gen)
+        op_args = op_args + (kw["d_uncond"], kw["cfg_scale"], 1.0)
     assert tensors
     torch.library.opcheck(getattr(torch.ops.ag_kernels_ad, op).default, op_args)
 

@@ -84,7 +84,13 @@ def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead=(), tra
     operands = [_in_layout(t, strides) for t in tensors]
     cfg_args = {}
     if uncond is not None:
-        d_uncond = _in_layout(uncond[0], strides)
+        d_uncond = uncond[0]
+        if chosen == "ext" and ref.is_cuda and d_uncond.dtype != operands[-2].dtype:
+            # The CUDA kernels read d_uncond in d_main's dtype: both go to the compute dtype first, rounded
+            # as the kernels round them in registers (exactly, or once from float64).
+            operands[-2] = operands[-2].to(out_dtype)
+            d_uncond = d_uncond.to(out_dtype)
+        d_uncond = _in_layout(d_uncond, strides)
         operands_read = operands + [d_uncond]
         cfg_args = {"d_uncond": d_uncond, "c_vec": uncond[1][1], "c": 1.0 if uncond[1][0] is None else uncond[1][0]}
     else:

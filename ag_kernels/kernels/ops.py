@@ -164,6 +164,24 @@ def _fast_numbers(lower_bounds, *values) -> bool:
     return True
 
 
+def _fast_cfg(d_uncond, d_main, cfg_scale):
+    """The kernel op's trailing CFG arguments for the common call: () without d_uncond; (d_uncond, None, c)
+    for a plain-number weight c and d_uncond in d_main's dtype (d_uncond None where c == 1: not read);
+    None for any other call, which takes the checked path."""
+    if d_uncond is None:
+        return ()
+    if (type(d_uncond) is not torch.Tensor or type(d_main) is not torch.Tensor or d_uncond.dtype is not d_main.dtype
+            or not _fast_numbers((None,), cfg_scale)):
+        return None
+    c = float(cfg_scale)
+    return (None if c == 1.0 else d_uncond, None, c)
+
+
+def _outputs(d_main, d_guide, d_uncond):
+    """The network outputs present, for _fast_tensors."""
+    return tuple(t for t in (d_main, d_guide, d_uncond) if t is not None)
+
+
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
@@ -207,7 +225,7 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
     if ref.numel() == 0 and not grad:
         return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
 
-    if chosen == "torch" or (uncond is not None and not _three_outputs(chosen, ref.device)):
+    if chosen == "torch":
         result = reference_fn()
         if out is None:
             return result
@@ -219,10 +237,6 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
         return _autograd.apply(name, chosen, out_dtype, tensors, params, lead, trail, uncond)
     return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail, uncond)
 
-
-def _three_outputs(chosen: str, device: torch.device) -> bool:
-    """The kernel backend ``chosen`` fuses CFG's third output on ``device`` (else the reference runs)."""
-    return chosen == "ext" and device.type == "cpu"  # TODO(i31k): Triton and CUDA
 
 
 # --------------------------------------------------------------------------- public ops
@@ -255,13 +269,14 @@ def guided_denoise(
     Returns:
         D_w, as a new tensor or in ``out``.
     """
-    if d_uncond is None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
-            and _fast_tensors(d_main, D_DTYPES, () if d_guide is None else (d_guide,), out, dtype):
+    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
+            and _fast_tensors(d_main, D_DTYPES, _outputs(d_guide, d_uncond, None), out, dtype):
         kernels = _kernel_table(backend, d_main.device)
         if kernels is not None:
             out = torch.empty(d_main.shape, dtype=dtype, device=d_main.device) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
-            kernels["guided_denoise"](out, d_main, None if w == 1.0 else d_guide, None, w)
+            kernels["guided_denoise"](out, d_main, None if w == 1.0 else d_guide, None, w, *cfg)
             return out
     if dtype not in X_DTYPES:
         raise TypeError(f"dtype must be {_dtype_names(X_DTYPES)}, got {dtype}")
@@ -313,14 +328,15 @@ def euler_step(
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
     """
-    if d_uncond is None and _fast_floats(guidance, sigma, sigma_next, False) \
-            and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
+    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_floats(guidance, sigma, sigma_next, False) \
+            and _fast_tensors(x, X_DTYPES, _outputs(d_main, d_guide, d_uncond), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
             kernels["euler_step"](out, x, d_main, None if w == 1.0 else d_guide, None, None, None, w, sigma,
-                                  sigma_next)
+                                  sigma_next, *cfg)
             return out
     _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     batch, device = _batch(x), x.device
@@ -375,15 +391,16 @@ def heun_step(
     Returns:
         x_next, as a new tensor or in ``out``.
     """
-    if d_uncond is None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
-            x_hat, X_DTYPES, (x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide), out, x_hat.dtype) \
+    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
+            x_hat, X_DTYPES, (x_euler,) + _outputs(d_main, d_guide, d_uncond), out, x_hat.dtype) \
             and x_euler.dtype is x_hat.dtype:
         kernels = _kernel_table(backend, x_hat.device)
         if kernels is not None:
             out = torch.empty_like(x_hat) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
             kernels["heun_step"](out, x_hat, x_euler, d_main, None if w == 1.0 else d_guide, None, None, None, w,
-                                 sigma, sigma_next)
+                                 sigma, sigma_next, *cfg)
             return out
     _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)], d_uncond=d_uncond)
     batch, device = _batch(x_hat), x_hat.device
@@ -427,13 +444,14 @@ def guided_score(
     Returns:
         The score, as a new tensor or in ``out``.
     """
-    if d_uncond is None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
-            and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
+    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
+            and _fast_tensors(x, X_DTYPES, _outputs(d_main, d_guide, d_uncond), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
-            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, sigma)
+            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, sigma, *cfg)
             return out
     _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     batch, device = _batch(x), x.device
@@ -578,10 +596,15 @@ class PreparedSteps:
         # public ops are what it traces).
         self._kernels = None if _compiling() else _kernel_table(backend, x.device)
 
-    def _direct(self, out, operands) -> bool:
-        """The kernel can run on these as they are: contiguous, out overlapping none but as the same view."""
+    def _direct(self, out, operands, d_uncond=None, d_main=None) -> bool:
+        """The kernel can run on these as they are: contiguous, out overlapping none but as the same view
+        (and d_uncond, if any, in d_main's dtype, as every kernel reads it)."""
         if self._kernels is None or not out.is_contiguous():
             return False
+        if d_uncond is not None:
+            if d_uncond.dtype is not d_main.dtype:
+                return False
+            operands = (*operands, d_uncond)
         # With autograd in play the public op differentiates, or says why out= cannot be used.
         grad = _grad_enabled()
         if grad and out.requires_grad:
@@ -595,9 +618,10 @@ class PreparedSteps:
               d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = the Euler step from (x_hat, t_hat) to t_next; ``w``: a number or a per-sample tensor
         (ignored when d_guide is None); ``cfg_scale`` likewise for ``d_uncond``."""
-        if d_uncond is None and self._direct(out, (x_hat, d_main, d_guide)):
+        if self._direct(out, (x_hat, d_main, d_guide), d_uncond, d_main):
             g, g_vec = _weight(d_guide, w)
-            self._kernels["euler_step"](out, x_hat, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
+            self._kernels["euler_step"](out, x_hat, d_main, d_guide, g_vec, None, None, g, t_hat, t_next,
+                                        *_cfg_weight(d_uncond, cfg_scale))
             return out
         return euler_step(x_hat, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
                           d_uncond=d_uncond, cfg_scale=cfg_scale)
@@ -605,9 +629,10 @@ class PreparedSteps:
     def heun(self, x_hat, x_euler, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor, *,
              d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = Heun's correction of the step from (x_hat, t_hat), networks evaluated at (x_euler, t_next)."""
-        if d_uncond is None and self._direct(out, (x_hat, x_euler, d_main, d_guide)):
+        if self._direct(out, (x_hat, x_euler, d_main, d_guide), d_uncond, d_main):
             g, g_vec = _weight(d_guide, w)
-            self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
+            self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next,
+                                       *_cfg_weight(d_uncond, cfg_scale))
             return out
         return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
                          d_uncond=d_uncond, cfg_scale=cfg_scale)
@@ -616,11 +641,12 @@ class PreparedSteps:
                   d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = the multistep update ``step`` (a, b, read, write: see :func:`multistep_step`) from x."""
         kernel = None if self._kernels is None else self._kernels.get("multistep_step")
-        if d_uncond is None and kernel is not None and self._direct(out, (x, d_main, d_guide)):
+        if kernel is not None and self._direct(out, (x, d_main, d_guide), d_uncond, d_main):
             g, g_vec = _weight(d_guide, w)
             b = step.b + (0.0,) * (3 - len(step.b))
             read = step.read + (-1,) * (2 - len(step.read))
-            kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write)
+            kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write,
+                   *_cfg_weight(d_uncond, cfg_scale))
             return out
         return multistep_step(x, d_main, d_guide, w, history, step.a, step.b, read=step.read, write=step.write,
                               out=out, backend=self.backend, d_uncond=d_uncond, cfg_scale=cfg_scale)
@@ -633,3 +659,11 @@ def _weight(d_guide, w):
     if isinstance(w, torch.Tensor):
         return 1.0, w
     return float(w), None
+
+
+def _cfg_weight(d_uncond, cfg_scale):
+    """The kernel ops' trailing CFG arguments (d_uncond, c_vec, c) of a checked weight; () without d_uncond."""
+    if d_uncond is None:
+        return ()
+    c, c_vec = _weight(d_uncond, cfg_scale)
+    return d_uncond, c_vec, c
