@@ -55,11 +55,15 @@ def _folder_id(path):
     return {"folder": os.path.abspath(path), "files_sha256": h.hexdigest()}
 
 
-def prepare(args, device, seeds, interval, outdir, check_settings, usage_error):
-    """(the batches to run, the settings to record) of ``generate --diffusers``."""
+def refuse_edm_flags(args, usage_error):
+    """UsageError naming the first flag of EDM generation given with --diffusers."""
     for flag, attr, unset in _EDM_ONLY:
         if getattr(args, attr) != unset:
             raise usage_error(f"{flag} is not used with --diffusers (EDM networks only)")
+
+
+def prepare(args, device, seeds, interval, outdir, check_settings, usage_error):
+    """(the batches to run, the settings to record) of ``generate --diffusers``."""
     if args.prompt is None:
         raise usage_error("--diffusers needs --prompt TEXT")
     use_guide = args.autoguidance != 1

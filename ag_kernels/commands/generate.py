@@ -346,6 +346,10 @@ def _run(args) -> int:
                 raise UsageError(f"{flag} is used with --diffusers PIPELINE_DIR")
         if args.autoguidance != 1:
             raise UsageError("--autoguidance is used with --diffusers PIPELINE_DIR (EDM networks: --guidance)")
+    else:
+        from . import _diffusers
+
+        _diffusers.refuse_edm_flags(args, UsageError)
     args.solver = args.solver or ("heun" if args.diffusers is None else None)
     seeds, shape, interval = _check_flags(args)
     outdir = _check_outdir(args.outdir)
@@ -356,8 +360,6 @@ def _run(args) -> int:
     except ValueError as exc:
         raise UsageError(f"--backend: {exc}") from None
     if args.diffusers is not None:
-        from . import _diffusers
-
         if args.cfg is not None:
             _number("--cfg", args.cfg, lo=-_F32_MAX, hi=_F32_MAX)
         _number("--autoguidance", args.autoguidance, lo=-_F32_MAX, hi=_F32_MAX)
