@@ -177,9 +177,11 @@ def _fast_cfg(d_uncond, d_main, cfg_scale):
     return (None if c == 1.0 else d_uncond, None, c)
 
 
-def _outputs(d_main, d_guide, d_uncond):
-    """The network outputs present, for _fast_tensors."""
-    return tuple(t for t in (d_main, d_guide, d_uncond) if t is not None)
+def _outputs(d_guide, d_uncond, lead=()):
+    """The operands ``lead`` and the optional network outputs that are present, for _fast_tensors."""
+    if d_uncond is None:
+        return lead if d_guide is None else lead + (d_guide,)
+    return lead + ((d_uncond,) if d_guide is None else (d_guide, d_uncond))
 
 
 _compiling = torch.compiler.is_compiling
@@ -238,7 +240,6 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
     return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail, uncond)
 
 
-
 # --------------------------------------------------------------------------- public ops
 
 
@@ -271,7 +272,7 @@ def guided_denoise(
     """
     cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
-            and _fast_tensors(d_main, D_DTYPES, _outputs(d_guide, d_uncond, None), out, dtype):
+            and _fast_tensors(d_main, D_DTYPES, _outputs(d_guide, d_uncond), out, dtype):
         kernels = _kernel_table(backend, d_main.device)
         if kernels is not None:
             out = torch.empty(d_main.shape, dtype=dtype, device=d_main.device) if out is None else out
@@ -330,7 +331,7 @@ def euler_step(
     """
     cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_floats(guidance, sigma, sigma_next, False) \
-            and _fast_tensors(x, X_DTYPES, _outputs(d_main, d_guide, d_uncond), out, x.dtype):
+            and _fast_tensors(x, X_DTYPES, _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
@@ -393,7 +394,7 @@ def heun_step(
     """
     cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
-            x_hat, X_DTYPES, (x_euler,) + _outputs(d_main, d_guide, d_uncond), out, x_hat.dtype) \
+            x_hat, X_DTYPES, _outputs(d_guide, d_uncond, (x_euler, d_main)), out, x_hat.dtype) \
             and x_euler.dtype is x_hat.dtype:
         kernels = _kernel_table(backend, x_hat.device)
         if kernels is not None:
@@ -446,7 +447,7 @@ def guided_score(
     """
     cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
-            and _fast_tensors(x, X_DTYPES, _outputs(d_main, d_guide, d_uncond), out, x.dtype):
+            and _fast_tensors(x, X_DTYPES, _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
