@@ -415,3 +415,18 @@ def test_guide_given_as_a_pipeline_uses_its_prediction_type():
             d = dm + (dm - guide(x, sig[i], ts[i], c))
             x = x + (sig[i + 1] - sig[i]) * (x - d) / sig[i]
     assert _rel(out, x) <= TOL
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_bfloat16_pipeline_with_float32_guide_and_embeddings(family):
+    # The networks get their conditioning in their own dtype; the VAE its latents in its own.
+    pipe = _pipe(family, "EulerDiscreteScheduler" if family != "sd3" else None)
+    guide = T.tiny_sd3_transformer(seed=5) if family == "sd3" else (
+        T.tiny_sdxl_unet(seed=5) if family == "sdxl" else T.tiny_unet(seed=5))
+    e, lat = _embeds(family, 2), T.latents(2)
+    call = dict(e, num_inference_steps=3, guidance_scale=3.0, autoguidance_scale=2.0, output_type="pt")
+    f32 = ag_kernels.AutoguidedPipeline.from_pipe(pipe, guide=guide)(latents=lat.clone(), **call).images
+    pipe.to(torch.bfloat16)
+    bf16 = ag_kernels.AutoguidedPipeline.from_pipe(pipe, guide=guide)(latents=lat.to(torch.bfloat16), **call).images
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == f32.shape == (2, 3, 8, 8)
+    assert _rel(bf16, f32) < 0.1

@@ -226,9 +226,11 @@ class _Run:
     """One sampling loop: the networks at each noise level, the guided step ops in between."""
 
     def __init__(self, main, guide, cond, w_cfg, w_ag, interval, flow: bool, backend: str):
-        self.main, self.guide, self.cond = main, guide, cond
+        self.main, self.guide = main, guide
+        # Each network gets its conditioning on its device and in its dtype (given embeddings may be float32).
+        self.cond = {k: _moved(cond[k], main.device, main.dtype) for k in ("c", "both")}
         self.w_cfg, self.w_ag, self.interval, self.flow, self.backend = w_cfg, w_ag, interval, flow, backend
-        self.guide_cond = cond["c"] if guide is None else _moved(cond["c"], guide.device, guide.dtype)
+        self.guide_cond = None if guide is None else _moved(cond["c"], guide.device, guide.dtype)
 
     def _guided_here(self, sigma: float) -> bool:
         if self.interval is None:
@@ -421,7 +423,7 @@ def _finish(pipe, family, latents, args, device, cond):
 
         nsfw = None
         if output_type != "latent":
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+            image = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False,
                                     generator=generator)[0]
             image, nsfw = pipe.run_safety_checker(image, device, cond["dtype"])
         else:
@@ -448,7 +450,7 @@ def _finish(pipe, family, latents, args, device, cond):
                 latents = latents * std / vae.config.scaling_factor + mean
             else:
                 latents = latents / vae.config.scaling_factor
-            image = vae.decode(latents, return_dict=False)[0]
+            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
             if upcast:
                 vae.to(dtype=torch.float16)
             if pipe.watermark is not None:
@@ -461,7 +463,7 @@ def _finish(pipe, family, latents, args, device, cond):
     image = latents
     if output_type != "latent":
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         image = pipe.image_processor.postprocess(image, output_type=output_type)
     pipe.maybe_free_model_hooks()
     return StableDiffusion3PipelineOutput(images=image) if args["return_dict"] else (image,)
