@@ -28,7 +28,7 @@ import torch
 from ..kernels import ops
 from ..kernels._backends import resolve_backend
 from ..models.diffusers_models import DiffusersDenoiser, UnsupportedModelError, check_guide_fits, require_diffusers
-from ._plan import MULTISTEP, _dpmpp_coefficients
+from ._plan import MULTISTEP, _dpmpp_coefficients, _Multistep
 from ._settings import _real
 from .generation import GeneratedBatch, _batches, _check_options, _place
 
@@ -143,7 +143,7 @@ class AutoguidedPipeline:
             guide = DiffusersDenoiser(self.guide, "flow" if family == "sd3" else
                                       (self._guide_prediction or pipe.scheduler.config.prediction_type),
                                       extra=cond["extra"])
-        x = latents.to(torch.float32)
+        x = latents.to(torch.float32, copy=True)  # the run's own buffer, stepped in place
         if space == "vp":
             x = x * math.sqrt(sig[0] ** 2 + 1)  # DPM-Solver keeps x / sqrt(sigma^2 + 1); we step x itself
         run = _Run(main, guide, cond, w_cfg if do_cfg else None, w_ag if do_ag else None, interval, family == "sd3",
@@ -245,51 +245,58 @@ class _Run:
         w_cfg = self.w_cfg if guided else None
         w_ag = self.w_ag if guided else None
         main = self.main
-        inp = main.model_input(x, sigma)
         if w_cfg is not None:
-            # One batched call [uncond, cond], as the pipelines make it.
-            out = main.raw(torch.cat([inp, inp]), timestep, self.cond["both"])
+            # One batched call [uncond, cond], as the pipelines make it; the input scaled and doubled in one pass.
+            inp = main.model_input(x.expand(2, *x.shape), sigma).reshape(2 * x.shape[0], *x.shape[1:])
+            out = main.raw(inp, timestep, self.cond["both"])
             d_uncond, d_main = main.denoised(x, out.view(2, *x.shape), sigma).unbind(0)
         else:
-            d_uncond, d_main = None, main.denoised(x, main.raw(inp, timestep, self.cond["c"]), sigma)
+            out = main.raw(main.model_input(x, sigma), timestep, self.cond["c"])
+            d_uncond, d_main = None, main.denoised(x, out, sigma)
         d_guide = None
         if w_ag is not None:
             d_guide = self.guide(x, sigma, timestep, self.guide_cond)
         return d_main, d_guide, w_ag, d_uncond, w_cfg
 
     def sample(self, x, sig: List[float], ts, solver: str, lower_order_final: bool, pipe):
+        """The run from x (a buffer of its own: updated in place) over the noise levels sig."""
         n = len(sig) - 1
-        b = self.backend
-        history = None
+        # One PreparedSteps for the run: our outputs are float32 on x's device and shape by
+        # construction, so each step goes straight to the backend's kernel.
+        steps = ops.PreparedSteps(x, backend=self.backend)
+        self.w_cfg, self.w_ag = (w.to(x.device) if isinstance(w, torch.Tensor) else w for w in (self.w_cfg, self.w_ag))
+        history = x_e = None
         if solver in MULTISTEP:
             history = torch.empty((MULTISTEP[solver],) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        elif solver == "heun":
+            x_e = torch.empty_like(x)
         with pipe.progress_bar(total=n) as bar:
             for i in range(n):
                 s, s_next = sig[i], sig[i + 1]
-                dm, dg, wa, du, wc = self.denoise(x, s, ts[i])
+                terms = _terms(*self.denoise(x, s, ts[i]))
                 if solver in MULTISTEP:
-                    a, coef, read, write = _multistep(solver, sig, i, lower_order_final, self.flow)
-                    x = _op(ops.multistep_step, (x,), dm, dg, wa, du, wc, (history, a, coef),
-                            dict(read=read, write=write, backend=b))
+                    step = _Multistep(*_multistep(solver, sig, i, lower_order_final, self.flow))
+                    steps.multistep(x, *terms[:3], history, step, x, **terms[3])
                 elif solver == "heun" and i < n - 1:
-                    x_e = _op(ops.euler_step, (x,), dm, dg, wa, du, wc, (s, s_next), dict(backend=b))
-                    dm, dg, wa, du, wc = self.denoise(x_e, s_next, ts[i + 1])
-                    x = _op(ops.heun_step, (x, x_e), dm, dg, wa, du, wc, (s, s_next), dict(backend=b))
+                    steps.euler(x, *terms[:3], s, s_next, x_e, **terms[3])
+                    terms = _terms(*self.denoise(x_e, s_next, ts[i + 1]))
+                    steps.heun(x, x_e, *terms[:3], s, s_next, x, **terms[3])
                 else:
-                    x = _op(ops.euler_step, (x,), dm, dg, wa, du, wc, (s, s_next), dict(backend=b))
+                    steps.euler(x, *terms[:3], s, s_next, x, **terms[3])
                 bar.update()
         return x
 
 
-def _op(op, lead, d_main, d_guide, w_ag, d_uncond, w_cfg, rest, kw):
-    """``op(*lead, d_main, d_guide, w_ag, *rest, d_uncond=, cfg_scale=, **kw)``: the fused three-output step.
+def _terms(d_main, d_guide, w_ag, d_uncond, w_cfg):
+    """(d_main, d_guide, w, {d_uncond, cfg_scale}) as the fused step ops take the three outputs.
 
-    With one guidance term only, the one-guide form of the op: CFG alone is D1(u) + w_cfg (D1(c) - D1(u)).
+    With one guidance term only, the one-guide form: CFG alone is D1(u) + w_cfg (D1(c) - D1(u)).
     """
     if d_guide is None and d_uncond is not None:
-        return op(*lead, d_main, d_uncond, w_cfg, *rest, **kw)
-    return op(*lead, d_main, d_guide, 1.0 if d_guide is None else w_ag, *rest, d_uncond=d_uncond,
-              cfg_scale=1.0 if d_uncond is None else w_cfg, **kw)
+        return d_main, d_uncond, w_cfg, {}
+    if d_uncond is None:
+        return d_main, d_guide, 1.0 if d_guide is None else w_ag, {}
+    return d_main, d_guide, w_ag, {"d_uncond": d_uncond, "cfg_scale": w_cfg}
 
 
 def _multistep(solver: str, sig: List[float], i: int, lower_order_final: bool, flow: bool):
