@@ -3,7 +3,7 @@
 Group "euler_step 3 outputs": D = D_1 + (w - 1)(D_1 - D_0) + (w_cfg - 1)(D_1 - D_u), then the Euler step,
 as ``reference.torch_euler_step(..., d_uncond=, cfg_scale=)`` computes it op by op ("eager"), and as one
 pass of ``ag_kernels.euler_step(..., d_uncond=, cfg_scale=)`` into a given ``out`` ("ext", "triton") or a
-new tensor ("ext_alloc", ...).
+new tensor ("ext_alloc", ...); "copy" (x into out) gives the memory bandwidth the report compares with.
 
 Group "eps euler_step 3 outputs": the networks predict the noise (diffusers' epsilon models), and D_i =
 c_x x + c_out eps_i with the same c_x = 1, c_out = -sigma for all three outputs.  Since the blend's weights
@@ -60,13 +60,16 @@ def _setup(benchmark, op, device, n, d_dtype):
 
 def _cases(device, n):
     fast = fast_backends(device)
-    return ["eager"] + fast + [f"{b}_alloc" for b in fast]
+    return ["copy", "eager"] + fast + [f"{b}_alloc" for b in fast]
 
 
 @pytest.mark.parametrize("device, n, d_dtype, case", params(CONFIGS, _cases))
 def test_euler_three_outputs(benchmark, device, n, d_dtype, case):
     t, nbytes = _setup(benchmark, "euler_step 3 outputs", device, n, d_dtype)
     x, dm, dg, du, out = (t[k] for k in ("x", "d_main", "d_guide", "d_uncond", "out"))
+    if case == "copy":
+        run(benchmark, device, lambda: out.copy_(x), 2 * x.numel() * x.element_size(), case=case, n=n)
+        return
     if case == "eager":
         fn = lambda: reference.torch_euler_step(x, dm, dg, W, T_CUR, T_NEXT, d_uncond=du, cfg_scale=CFG)  # noqa: E731
     else:

@@ -165,11 +165,9 @@ def _fast_numbers(lower_bounds, *values) -> bool:
 
 
 def _fast_cfg(d_uncond, d_main, cfg_scale):
-    """The kernel op's trailing CFG arguments for the common call: () without d_uncond; (d_uncond, None, c)
-    for a plain-number weight c and d_uncond in d_main's dtype (d_uncond None where c == 1: not read);
-    None for any other call, which takes the checked path."""
-    if d_uncond is None:
-        return ()
+    """The kernel op's trailing CFG arguments (d_uncond, None, c) for the common call with d_uncond: a
+    plain-number weight c and d_uncond in d_main's dtype (d_uncond None where c == 1: not read); None for
+    any other call, which takes the checked path.  (Callers pass () themselves without d_uncond.)"""
     if (type(d_uncond) is not torch.Tensor or type(d_main) is not torch.Tensor or d_uncond.dtype is not d_main.dtype
             or not _fast_numbers((None,), cfg_scale)):
         return None
@@ -270,7 +268,7 @@ def guided_denoise(
     Returns:
         D_w, as a new tensor or in ``out``.
     """
-    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
             and _fast_tensors(d_main, D_DTYPES, _outputs(d_guide, d_uncond), out, dtype):
         kernels = _kernel_table(backend, d_main.device)
@@ -329,9 +327,10 @@ def euler_step(
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
     """
-    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
-    if cfg is not None and _fast_floats(guidance, sigma, sigma_next, False) \
-            and _fast_tensors(x, X_DTYPES, _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_floats(guidance, sigma, sigma_next, False) and _fast_tensors(
+            x, X_DTYPES, ((d_main,) if d_guide is None else (d_main, d_guide)) if d_uncond is None
+            else _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
@@ -392,9 +391,10 @@ def heun_step(
     Returns:
         x_next, as a new tensor or in ``out``.
     """
-    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
-            x_hat, X_DTYPES, _outputs(d_guide, d_uncond, (x_euler, d_main)), out, x_hat.dtype) \
+            x_hat, X_DTYPES, ((x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide)) if d_uncond is None
+            else _outputs(d_guide, d_uncond, (x_euler, d_main)), out, x_hat.dtype) \
             and x_euler.dtype is x_hat.dtype:
         kernels = _kernel_table(backend, x_hat.device)
         if kernels is not None:
@@ -445,9 +445,10 @@ def guided_score(
     Returns:
         The score, as a new tensor or in ``out``.
     """
-    cfg = _fast_cfg(d_uncond, d_main, cfg_scale)
-    if cfg is not None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
-            and _fast_tensors(x, X_DTYPES, _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) and _fast_tensors(
+            x, X_DTYPES, ((d_main,) if d_guide is None else (d_main, d_guide)) if d_uncond is None
+            else _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
