@@ -92,11 +92,14 @@ setup(
     package_data={"ag_kernels.toy": ["weights/*.pt", "weights/*.json"]},
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "ninja"],
+        # The tests compare AutoguidedPipeline with diffusers' own pipelines (tiny random components, offline).
+        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "ninja", "diffusers>=0.30", "transformers"],
         # Decoding EDM2's latent (img512) models: the VAE is loaded through diffusers.
         "edm2": ["diffusers>=0.25"],
         # The manual: `mkdocs build --strict` (CI) or `mkdocs serve`; API pages from the docstrings.
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+        # ag_kernels.AutoguidedPipeline and `generate --diffusers`: SD, SDXL and SD3 pipelines.
+        "diffusers": ["diffusers>=0.30", "transformers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -62,18 +62,23 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(ag_kernels, m) {
   m.set_python_module("ag_kernels.kernels._backends");
-  m.def("guided_denoise(Tensor(a!) out, Tensor d_main, Tensor? d_guide, Tensor? g_vec, float g) -> ()");
+  // CFG's third output comes last with defaults (none), so two-output calls read as before.
+  m.def(
+      "guided_denoise(Tensor(a!) out, Tensor d_main, Tensor? d_guide, Tensor? g_vec, float g, "
+      "Tensor? d_uncond=None, Tensor? c_vec=None, float c=1.0) -> ()");
   m.def(
       "euler_step(Tensor(a!) out, Tensor x_hat, Tensor d_main, Tensor? d_guide, Tensor? g_vec, Tensor? s_vec, "
-      "Tensor? sn_vec, float g, float s, float sn) -> ()");
+      "Tensor? sn_vec, float g, float s, float sn, Tensor? d_uncond=None, Tensor? c_vec=None, float c=1.0) -> ()");
   m.def(
       "heun_step(Tensor(a!) out, Tensor x_hat, Tensor x_euler, Tensor d_main, Tensor? d_guide, Tensor? g_vec, "
-      "Tensor? s_vec, Tensor? sn_vec, float g, float s, float sn) -> ()");
+      "Tensor? s_vec, Tensor? sn_vec, float g, float s, float sn, Tensor? d_uncond=None, Tensor? c_vec=None, "
+      "float c=1.0) -> ()");
   m.def(
       "guided_score(Tensor(a!) out, Tensor x, Tensor d_main, Tensor? d_guide, Tensor? g_vec, Tensor? s_vec, "
-      "float g, float s) -> ()");
+      "float g, float s, Tensor? d_uncond=None, Tensor? c_vec=None, float c=1.0) -> ()");
   m.def(
       "multistep_step(Tensor(a!) out, Tensor(b!) history, Tensor x, Tensor d_main, Tensor? d_guide, Tensor? g_vec, "
       "float g, float a, float b0, float b1, float b2, int read1, int read2, int write, Tensor(c!)? corrected=None, "
-      "float ac=0., float c0=0., float c1=0., float c2=0.) -> ()");
+      "float ac=0., float c0=0., float c1=0., float c2=0., Tensor? d_uncond=None, Tensor? c_vec=None, "
+      "float c=1.0) -> ()");
 }

@@ -62,7 +62,8 @@ Coefficient coefficient(const char* op, const char* name, const std::optional<at
 StepArgs make_step_args(
     const char* op, const at::Tensor& out, const at::Tensor* x, const char* x_name, const at::Tensor* x_euler,
     const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide, const std::optional<at::Tensor>& g_vec,
-    const std::optional<at::Tensor>& s_vec, const std::optional<at::Tensor>& sn_vec, double g, double s, double sn) {
+    const std::optional<at::Tensor>& s_vec, const std::optional<at::Tensor>& sn_vec, double g, double s, double sn,
+    const Uncond& uncond) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "ag_kernels::", op,
                    ": out must have dtype float32/float64, got ", out.scalar_type());
   TORCH_CHECK(out.is_non_overlapping_and_dense(), "ag_kernels::", op,
@@ -92,11 +93,17 @@ StepArgs make_step_args(
     a.d_guide = d_guide->data_ptr();
     a.d_guide_type = d_type_of(op, "d_guide", *d_guide);
   }
+  if (uncond.d_uncond.has_value()) {
+    check_operand(op, "d_uncond", *uncond.d_uncond, out);
+    a.d_uncond = uncond.d_uncond->data_ptr();
+    a.d_uncond_type = d_type_of(op, "d_uncond", *uncond.d_uncond);
+  }
 
   const int64_t batch = out.dim() > 0 ? out.size(0) : 1;
   a.coef.g = coefficient(op, "g_vec", g_vec, g, out, batch);
   a.coef.s = coefficient(op, "s_vec", s_vec, s, out, batch);
   a.coef.sn = coefficient(op, "sn_vec", sn_vec, sn, out, batch);
+  a.coef.cfg = coefficient(op, "c_vec", uncond.c_vec, uncond.c, out, batch);
   a.rows = 1;
   a.row_numel = a.numel;
   if (a.coef.per_sample() && batch > 1 && a.numel > 0) {
@@ -113,11 +120,11 @@ StepArgs make_step_args(
 StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
                              const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
                              const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
-                             double b2, int64_t read1, int64_t read2, int64_t write,
+                             double b2, int64_t read1, int64_t read2, int64_t write, const Uncond& uncond,
                              const std::optional<at::Tensor>& corrected, double ac, double c0, double c1, double c2) {
   const char* op = "multistep_step";
   StepArgs args = make_step_args(op, out, &x, "x", nullptr, d_main, d_guide, g_vec, std::nullopt, std::nullopt, g,
-                                 1.0, 1.0);
+                                 1.0, 1.0, uncond);
   TORCH_CHECK(out.is_contiguous(), "ag_kernels::", op, ": out must be contiguous, got strides ", out.strides());
   TORCH_CHECK(history.device() == out.device(), "ag_kernels::", op, ": history is on ", history.device(),
               " but out is on ", out.device());
@@ -161,6 +168,9 @@ StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, c
       }
       TORCH_CHECK(!d_guide.has_value() || at::get_overlap_status(xc, *d_guide) == at::MemOverlapStatus::No,
                   "ag_kernels::", op, ": corrected overlaps d_guide; pass x itself or a separate tensor");
+      TORCH_CHECK(!uncond.d_uncond.has_value() ||
+                      at::get_overlap_status(xc, *uncond.d_uncond) == at::MemOverlapStatus::No,
+                  "ag_kernels::", op, ": corrected overlaps d_uncond; pass x itself or a separate tensor");
     }
     args.ms.corrected = xc.data_ptr();
     args.ms.ac = ac;

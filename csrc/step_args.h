@@ -19,10 +19,19 @@ struct StepArgs {
   const void* x_euler = nullptr;  // heun only
   const void* d_main = nullptr;
   const void* d_guide = nullptr;  // nullptr: no guidance
+  const void* d_uncond = nullptr;  // nullptr: no CFG term
   DType d_main_type = DType::kFloat;
   DType d_guide_type = DType::kFloat;
+  DType d_uncond_type = DType::kFloat;
   Coefficients coef;
   Multistep ms;  // multistep_step only
+};
+
+// CFG's third output and its weight (every op takes them last; d_uncond absent: no CFG term).
+struct Uncond {
+  const std::optional<at::Tensor>& d_uncond;
+  const std::optional<at::Tensor>& c_vec;
+  double c;
 };
 
 // Checks every argument (naming it in the error) and returns the raw view the kernels use.
@@ -30,7 +39,8 @@ struct StepArgs {
 StepArgs make_step_args(
     const char* op, const at::Tensor& out, const at::Tensor* x, const char* x_name, const at::Tensor* x_euler,
     const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide, const std::optional<at::Tensor>& g_vec,
-    const std::optional<at::Tensor>& s_vec, const std::optional<at::Tensor>& sn_vec, double g, double s, double sn);
+    const std::optional<at::Tensor>& s_vec, const std::optional<at::Tensor>& sn_vec, double g, double s, double sn,
+    const Uncond& uncond);
 
 // make_step_args for multistep_step, plus its history (contiguous [K, *out.shape] in out's dtype; out
 // contiguous), slots (-1: none) and optional corrector (its output `corrected`: out's shape, dtype and
@@ -38,7 +48,7 @@ StepArgs make_step_args(
 StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
                              const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
                              const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
-                             double b2, int64_t read1, int64_t read2, int64_t write,
+                             double b2, int64_t read1, int64_t read2, int64_t write, const Uncond& uncond,
                              const std::optional<at::Tensor>& corrected = std::nullopt, double ac = 0, double c0 = 0,
                              double c1 = 0, double c2 = 0);
 

@@ -1,6 +1,7 @@
 // The math of one guided sampler step, shared by the CPU and CUDA backends.
 //
-// Guided denoiser (Karras et al. 2024, Eq. 1): D_w = D_0 + w (D_1 - D_0), D_1 = d_main, D_0 = d_guide.
+// Guided denoiser (Karras et al. 2024, Eq. 1): D_w = D_0 + w (D_1 - D_0), D_1 = d_main, D_0 = d_guide;
+// with CFG's third output D_u = d_uncond and its weight w_cfg: D = D_w + (w_cfg - 1) (D_1 - D_u).
 // Ops: D_w itself; an Euler step of the EDM ODE; Heun's correction; the guided score.  The
 // coefficients (w, step ratios) are formed in double once per sample, then rounded once to the
 // compute dtype T (x's dtype), exactly as the Triton kernel does, so the backends agree to an ulp.
@@ -20,7 +21,7 @@ enum Op : int { kDenoise = 0, kEuler = 1, kHeun = 2, kScore = 3, kMultistep = 4 
 // Element types of the network outputs and per-sample coefficient tensors.
 enum class DType : int8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
-// A coefficient (guidance, sigma or sigma_next): a number, or one value per sample read at its row.
+// A coefficient (guidance, sigma, sigma_next or cfg): a number, or one value per sample read at its row.
 struct Coefficient {
   const void* ptr = nullptr;  // per-sample values, or nullptr for the scalar `value`
   int64_t stride = 0;
@@ -41,7 +42,10 @@ struct Coefficient {
 
 struct Coefficients {
   Coefficient g, s, sn;
-  bool per_sample() const { return g.ptr != nullptr || s.ptr != nullptr || sn.ptr != nullptr; }
+  Coefficient cfg;  // w_cfg, the weight of D_1 - D_u (1 when there is no d_uncond)
+  bool per_sample() const {
+    return g.ptr != nullptr || s.ptr != nullptr || sn.ptr != nullptr || cfg.ptr != nullptr;
+  }
 };
 
 // The per-sample constants of one step, in the compute dtype T.
@@ -51,6 +55,7 @@ struct RowConstants {
   T one_minus_w;
   T k;        // Euler: (sn - s)/s; Heun: (sn - s)/(2 sn); score: 1/s^2
   bool lerp_from_guide;  // which end lerp starts from (w < 0.5), as torch.lerp
+  T cfg_minus_1;         // w_cfg - 1, formed in double as the other coefficients
 };
 
 template <int OP, typename T>
@@ -61,6 +66,7 @@ C10_HOST_DEVICE RowConstants<T> row_constants(const Coefficients& c, int64_t row
   r.w = static_cast<T>(w);
   r.one_minus_w = static_cast<T>(1.0 - w);
   r.lerp_from_guide = w < 0.5;
+  r.cfg_minus_1 = static_cast<T>(c.cfg.at(row) - 1.0);
   r.k = T(0);
   if constexpr (OP == kEuler) {
     const double s = c.s.at(row), sn = c.sn.at(row);
@@ -75,16 +81,21 @@ C10_HOST_DEVICE RowConstants<T> row_constants(const Coefficients& c, int64_t row
   return r;
 }
 
-// The guided denoiser D_w of one element; D_1/D_0 are already in T.
-template <bool HAS_GUIDE, typename V, typename T>
-C10_HOST_DEVICE V guided_value(const RowConstants<T>& r, V D_1, V D_0) {
+// The guided denoiser of one element; D_1/D_0/D_u are already in T.  Without HAS_UNCOND, D_u is
+// not read and the result is the two-output D_w, operation for operation.
+template <bool HAS_GUIDE, bool HAS_UNCOND = false, typename V, typename T>
+C10_HOST_DEVICE V guided_value(const RowConstants<T>& r, V D_1, V D_0, V D_u = V(0)) {
+  V D_w = D_1;
   if constexpr (HAS_GUIDE) {
     // Two-sided lerp, as torch.lerp: w = 1 gives D_1 exactly (no guidance), and both ends stay accurate.
     const V diff = D_1 - D_0;
-    return r.lerp_from_guide ? D_0 + V(r.w) * diff : D_1 - diff * V(r.one_minus_w);
-  } else {
-    return D_1;
+    D_w = r.lerp_from_guide ? D_0 + V(r.w) * diff : D_1 - diff * V(r.one_minus_w);
   }
+  if constexpr (HAS_UNCOND) {
+    // CFG on top: D_w + (w_cfg - 1) (D_1 - D_u); w_cfg = 1 adds an exact 0.
+    D_w = D_w + V(r.cfg_minus_1) * (D_1 - D_u);
+  }
+  return D_w;
 }
 
 // The coefficients of a linear multistep update (DPM-Solver++, Lu et al. 2022), formed on the host in
@@ -121,10 +132,10 @@ C10_HOST_DEVICE V corrector_value(const MultistepConstants<T>& m, V x, V D_w, V 
 }
 
 // One step on values of type V: T itself on both devices (the CPU loop is vectorized by the compiler).
-// x is x_hat (x for the score), xe is x_euler (Heun only); D_1/D_0 are already in T.
-template <int OP, bool HAS_GUIDE, typename V, typename T>
-C10_HOST_DEVICE V step_value(const RowConstants<T>& r, V x, V xe, V D_1, V D_0) {
-  const V D_w = guided_value<HAS_GUIDE>(r, D_1, D_0);
+// x is x_hat (x for the score), xe is x_euler (Heun only); D_1/D_0/D_u are already in T.
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND = false, typename V, typename T>
+C10_HOST_DEVICE V step_value(const RowConstants<T>& r, V x, V xe, V D_1, V D_0, V D_u = V(0)) {
+  const V D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1, D_0, D_u);
   if constexpr (OP == kDenoise) {
     return D_w;
   } else if constexpr (OP == kEuler) {

@@ -93,6 +93,21 @@ def make_params(mode: str, batch: int, device, gen: torch.Generator):
     return gv, s, (s * (0.3 + 0.65 * torch.rand(batch, generator=gen, dtype=torch.float64))).to(device)
 
 
+def make_cfg(mode: str, batch: int, device, gen: torch.Generator):
+    """A CFG weight (cfg_scale) as make_params forms guidance: a number in [1.5, 8] ("scalar"), or per
+    sample in [0.5, 8] (float32 for "per_sample", float64 for "mixed")."""
+    if mode == "scalar":
+        return 1.5 + 6.5 * torch.rand((), generator=gen).item()
+    c = (0.5 + 7.5 * torch.rand(batch, generator=gen, dtype=torch.float64)).to(device)
+    return c.float() if mode == "per_sample" else c
+
+
+def make_uncond(d_main: torch.Tensor, gen: torch.Generator, dtype=None) -> torch.Tensor:
+    """An unconditional output D_u near d_main (further from the data than D_1), in ``dtype`` (d_main's)."""
+    noise = torch.randn(d_main.shape, generator=gen, dtype=torch.float64)
+    return (d_main.detach().to("cpu", torch.float64) + 0.5 * noise).to(d_main.device, dtype or d_main.dtype)
+
+
 def make_inputs(shape, x_dtype, d_dtype, device, gen, sigma):
     """x around data of unit scale with noise of level sigma; D_1 and D_0 near each other."""
     batch = shape[0] if len(shape) else 1
@@ -111,19 +126,27 @@ def _col(v, like):
     return v
 
 
-def oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=False):
+def oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=False, d_uncond=None, cfg=1.0):
     """The issue's formulas in float64 on the CPU (d_cur of Heun recovered from the Euler step).
+
+    The guided denoiser is D = D_1 + (g - 1) (D_1 - D_0) + (cfg - 1) (D_1 - D_u), each term absent
+    when its output (d_guide, d_uncond) is None.
 
     With ``with_scale``, also returns the scale of the computation: the largest magnitude among
     the result and the terms summed to form it.  Rounding errors of any float evaluation are
     relative to that scale; the result alone can cancel to near zero in a 1- or 7-element tensor.
     """
     f = lambda t: None if t is None else t.detach().to("cpu", torch.float64)  # noqa: E731
-    x, x_euler, d_main, d_guide = f(x), f(x_euler), f(d_main), f(d_guide)
+    x, x_euler, d_main, d_guide, d_uncond = f(x), f(x_euler), f(d_main), f(d_guide), f(d_uncond)
     like = d_main
-    g, s, sn = _col(g, like), _col(s, like), _col(sn, like)
+    g, s, sn, cfg = _col(g, like), _col(s, like), _col(sn, like), _col(cfg, like)
     D_w = d_main if d_guide is None else d_guide + g * (d_main - d_guide)
     terms = [D_w] if d_guide is None else [D_w, d_guide, g * (d_main - d_guide)]
+    if d_uncond is not None:
+        # The CFG term's rounding is relative to (cfg - 1) times the outputs it subtracts.
+        cfg_term = (cfg - 1) * (d_main - d_uncond)
+        D_w = D_w + cfg_term
+        terms = terms + [D_w, d_main, cfg_term, (cfg - 1) * d_main, (cfg - 1) * d_uncond]
     if op == "guided_denoise":
         result = D_w
     elif op == "euler_step":
@@ -144,14 +167,15 @@ def oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=False):
     return result, max(t.abs().max().item() for t in terms + [result])
 
 
-def call(op, x, x_euler, d_main, d_guide, g, s, sn, *, backend, out=None, dtype=None):
-    """Call public op ``op`` with the arguments it takes."""
+def call(op, x, x_euler, d_main, d_guide, g, s, sn, *, backend, out=None, dtype=None, d_uncond=None, cfg=None):
+    """Call public op ``op`` with the arguments it takes (d_uncond and cfg_scale only when given)."""
+    kw = {} if d_uncond is None and cfg is None else {"d_uncond": d_uncond, "cfg_scale": 1.0 if cfg is None else cfg}
     if op == "guided_denoise":
-        return ag_kernels.guided_denoise(d_main, d_guide, g, dtype=dtype or x.dtype, out=out, backend=backend)
+        return ag_kernels.guided_denoise(d_main, d_guide, g, dtype=dtype or x.dtype, out=out, backend=backend, **kw)
     if op == "euler_step":
-        return ag_kernels.euler_step(x, d_main, d_guide, g, s, sn, out=out, backend=backend)
+        return ag_kernels.euler_step(x, d_main, d_guide, g, s, sn, out=out, backend=backend, **kw)
     if op == "heun_step":
-        return ag_kernels.heun_step(x, x_euler, d_main, d_guide, g, s, sn, out=out, backend=backend)
+        return ag_kernels.heun_step(x, x_euler, d_main, d_guide, g, s, sn, out=out, backend=backend, **kw)
     if op == "guided_score":
-        return ag_kernels.guided_score(x, d_main, d_guide, g, s, out=out, backend=backend)
+        return ag_kernels.guided_score(x, d_main, d_guide, g, s, out=out, backend=backend, **kw)
     raise ValueError(op)

@@ -4,7 +4,8 @@ The kernel backends run ``torch.ops.ag_kernels_ad.*`` (functional ops with deriv
 registered through ``torch.library.register_autograd``) when an operand requires grad:
 checked by ``gradcheck`` (float64, scalar and per-sample coefficients, odd and non-contiguous
 shapes), ``gradgradcheck`` (the backward is differentiable), ``opcheck``, and against the torch
-backend's gradients for 16-bit network outputs (tolerance 1e-5 relative in float32).  ``out=``
+backend's gradients for 16-bit network outputs (tolerance 1e-5 relative in float32), each also with
+CFG's third output ``d_uncond`` and its weight ``cfg_scale``.  ``out=``
 follows torch's own out= ops on every backend: refused when an operand or ``out`` requires grad.
 """
 
@@ -50,6 +51,15 @@ def _inputs(op, shape, dtype, d_dtype, per_sample, gen, *, guide=True, noncontig
     return (t(), d_main, d_guide, g, coef(0.5))
 
 
+def _cfg_inputs(args, dtype, per_sample, gen):
+    """The CFG keywords of a call on ``args``: d_uncond like d_main, cfg_scale a number or per sample."""
+    d_main = args[{3: 0, 5: 1, 6: 1, 7: 2}[len(args)]]  # guided_denoise, guided_score, euler_step, heun_step
+    d_uncond = torch.randn(d_main.shape, generator=gen, dtype=torch.float64).to(d_main.dtype).requires_grad_()
+    b = d_main.shape[0]
+    cfg = (3.0 + torch.rand(b, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_() if per_sample else 4.5
+    return {"d_uncond": d_uncond, "cfg_scale": cfg}
+
+
 def _call(op, args, backend, **kw):
     fn = getattr(ag_kernels, op)
     if op == "guided_denoise":
@@ -57,13 +67,15 @@ def _call(op, args, backend, **kw):
     return fn(*args, backend=backend, **kw)
 
 
-def _of_tensors(op, args, backend):
-    """(f, tensors): the op as a function of its tensor arguments only, for gradcheck."""
-    diff = [a for a in args if isinstance(a, torch.Tensor)]
+def _of_tensors(op, args, backend, kw=None):
+    """(f, tensors): the op as a function of its tensor arguments (and keyword ones) only, for gradcheck."""
+    kw = kw or {}
+    diff = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kw.values() if isinstance(v, torch.Tensor)]
 
     def f(*tensors):
         it = iter(tensors)
-        return _call(op, [next(it) if isinstance(a, torch.Tensor) else a for a in args], backend)
+        pos = [next(it) if isinstance(a, torch.Tensor) else a for a in args]
+        return _call(op, pos, backend, **{k: next(it) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
 
     return f, diff
 
@@ -72,17 +84,20 @@ def _of_tensors(op, args, backend):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("per_sample", [False, True], ids=["scalar", "per_sample"])
 @pytest.mark.parametrize("shape, noncontig", [((3, 5), False), ((2, 3, 7), True), ((1,), False)])
-def test_gradcheck(op, backend, per_sample, shape, noncontig, gen):
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_gradcheck(op, backend, per_sample, shape, noncontig, cfg, gen):
     args = _inputs(op, shape, torch.float64, torch.float64, per_sample, gen, noncontig=noncontig)
-    f, diff = _of_tensors(op, args, backend)
+    kw = _cfg_inputs(args, torch.float64, per_sample, gen) if cfg else None
+    f, diff = _of_tensors(op, args, backend, kw)
     assert gradcheck(f, diff, eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("op", ["euler_step", "heun_step"])
-def test_gradgradcheck(op, backend, gen):
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_gradgradcheck(op, backend, cfg, gen):
     args = _inputs(op, (2, 3), torch.float64, torch.float64, True, gen)
-    f, diff = _of_tensors(op, args, backend)
+    f, diff = _of_tensors(op, args, backend, _cfg_inputs(args, torch.float64, True, gen) if cfg else None)
     assert gradgradcheck(f, diff, eps=1e-6, atol=1e-6)
 
 
@@ -90,20 +105,23 @@ def test_gradgradcheck(op, backend, gen):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("d_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("guide", [True, False])
-def test_gradients_match_the_torch_backend(op, backend, d_dtype, guide, gen):
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_gradients_match_the_torch_backend(op, backend, d_dtype, guide, cfg, gen):
     """float32 x with 16-bit network outputs: every gradient equals the reference's (each cast like the input)."""
     args = _inputs(op, (4, 9), torch.float32, d_dtype, True, gen, guide=guide)
+    kw = _cfg_inputs(args, torch.float32, True, gen) if cfg else {}
     weights = torch.randn((4, 9), generator=gen)
     grads = {}
+    inputs = list(args) + list(kw.values())
     for b in ("torch", backend):
-        for a in args:
+        for a in inputs:
             if isinstance(a, torch.Tensor):
                 a.grad = None
-        out = _call(op, args, b)
+        out = _call(op, args, b, **kw)
         assert out.grad_fn is not None
         (out * weights).sum().backward()
-        grads[b] = [None if not isinstance(a, torch.Tensor) else a.grad for a in args]
-    for ref, ours, a in zip(grads["torch"], grads[backend], args):
+        grads[b] = [None if not isinstance(a, torch.Tensor) else a.grad for a in inputs]
+    for ref, ours, a in zip(grads["torch"], grads[backend], inputs):
         if ref is None:
             assert ours is None
             continue
@@ -114,7 +132,8 @@ def test_gradients_match_the_torch_backend(op, backend, d_dtype, guide, gen):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_opcheck(op, gen):
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_opcheck(op, cfg, gen):
     backend = KERNEL_BACKENDS[0] if KERNEL_BACKENDS else pytest.skip("no kernel backend on the CPU here")
     args = _inputs(op, (3, 4), torch.float64, torch.float32, True, gen)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -127,6 +146,9 @@ def test_opcheck(op, gen):
     else:
         *ts, g, s, sn = args
         op_args = (backend, *ts, g, s, sn, 1.0, 1.0, 1.0)
+    if cfg:
+        kw = _cfg_inputs(args, torch.float64, True, gen)
+        op_args = op_args + (kw["d_uncond"], kw["cfg_scale"], 1.0)
     assert tensors
     torch.library.opcheck(getattr(torch.ops.ag_kernels_ad, op).default, op_args)
 

@@ -27,30 +27,46 @@ def _args():
     )
 
 
+def _cfg(a):
+    # The CFG keywords only when a test sets them: the other cases check the two-output call.
+    return {k: a[k] for k in ("d_uncond", "cfg_scale") if k in a}
+
+
 def _euler(a, **kw):
-    return ag_kernels.euler_step(a["x"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], a["sigma_next"], **kw)
+    return ag_kernels.euler_step(a["x"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], a["sigma_next"], **kw,
+                                 **_cfg(a))
 
 
 def _heun(a, **kw):
     return ag_kernels.heun_step(
-        a["x"], a["x_euler"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], a["sigma_next"], **kw
+        a["x"], a["x_euler"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], a["sigma_next"], **kw, **_cfg(a)
     )
 
 
 def _score(a, **kw):
-    return ag_kernels.guided_score(a["x"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], **kw)
+    return ag_kernels.guided_score(a["x"], a["d_main"], a["d_guide"], a["guidance"], a["sigma"], **kw, **_cfg(a))
 
 
 def _denoise(a, **kw):
-    return ag_kernels.guided_denoise(a["d_main"], a["d_guide"], a["guidance"], **kw)
+    return ag_kernels.guided_denoise(a["d_main"], a["d_guide"], a["guidance"], **kw, **_cfg(a))
 
 
-OPS = {"euler_step": _euler, "heun_step": _heun, "guided_score": _score, "guided_denoise": _denoise}
+def _multistep(a, **kw):
+    history = torch.zeros((2,) + tuple(a["d_main"].shape))
+    return ag_kernels.multistep_step(a["x"], a["d_main"], a["d_guide"], a["guidance"], history, 0.5, (1.0, -0.5),
+                                     read=(0,), write=1, **kw, **_cfg(a))
+
+
+OPS = {"euler_step": _euler, "heun_step": _heun, "guided_score": _score, "guided_denoise": _denoise,
+       "multistep_step": _multistep}
+STEP_OPS = [op for op in OPS if op != "multistep_step"]  # multistep_step's out and backend: its own tests
+CFG = {"d_uncond", "cfg_scale"}
 USES = {  # which arguments each op reads
-    "euler_step": {"x", "d_main", "d_guide", "guidance", "sigma", "sigma_next"},
-    "heun_step": {"x", "x_euler", "d_main", "d_guide", "guidance", "sigma", "sigma_next"},
-    "guided_score": {"x", "d_main", "d_guide", "guidance", "sigma"},
-    "guided_denoise": {"d_main", "d_guide", "guidance"},
+    "euler_step": {"x", "d_main", "d_guide", "guidance", "sigma", "sigma_next"} | CFG,
+    "heun_step": {"x", "x_euler", "d_main", "d_guide", "guidance", "sigma", "sigma_next"} | CFG,
+    "guided_score": {"x", "d_main", "d_guide", "guidance", "sigma"} | CFG,
+    "guided_denoise": {"d_main", "d_guide", "guidance"} | CFG,
+    "multistep_step": CFG,  # its other arguments: tests/test_multistep_op.py
 }
 
 # (case id, argument changed, bad value maker, exception, text the message must contain)
@@ -88,6 +104,23 @@ BAD = [
     ("sigma_next_negative", "sigma_next", lambda a: -0.1, ValueError, "sigma_next"),
     ("sigma_next_inf", "sigma_next", lambda a: math.inf, ValueError, "sigma_next"),
     ("sigma_next_len", "sigma_next", lambda a: torch.ones(1), ValueError, "sigma_next"),
+    # The third output and its weight (d_guide's and guidance's rules; "d_main" for guided_denoise's shape).
+    ("d_uncond_shape", "d_uncond", lambda a: torch.randn(3, 2, 5), ValueError, "d_uncond"),
+    ("d_uncond_dtype", "d_uncond", lambda a: torch.ones(S, dtype=torch.int32), TypeError, "d_uncond"),
+    ("d_uncond_device", "d_uncond", lambda a: a["d_uncond"].to("meta"), ValueError, "d_uncond"),
+    ("d_uncond_array", "d_uncond", lambda a: np.zeros(S, np.float32), TypeError, "d_uncond"),
+    ("cfg_scale_nan", "cfg_scale", lambda a: math.nan, ValueError, "cfg_scale"),
+    ("cfg_scale_inf", "cfg_scale", lambda a: math.inf, ValueError, "cfg_scale"),
+    ("cfg_scale_huge", "cfg_scale", lambda a: 1e39, ValueError, "cfg_scale"),
+    ("cfg_scale_str", "cfg_scale", lambda a: "7.5", TypeError, "cfg_scale"),
+    ("cfg_scale_bool", "cfg_scale", lambda a: True, TypeError, "cfg_scale"),
+    ("cfg_scale_none", "cfg_scale", lambda a: None, TypeError, "cfg_scale"),
+    ("cfg_scale_len", "cfg_scale", lambda a: torch.ones(3), ValueError, "cfg_scale"),
+    ("cfg_scale_int_tensor", "cfg_scale", lambda a: torch.ones(2, dtype=torch.int64), TypeError, "cfg_scale"),
+    ("cfg_scale_device", "cfg_scale", lambda a: torch.ones(2, device="meta"), ValueError, "cfg_scale"),
+    ("cfg_scale_tensor_nan", "cfg_scale", lambda a: torch.tensor([7.5, math.nan]), ValueError, "cfg_scale"),
+    ("cfg_scale_tensor_inf", "cfg_scale", lambda a: torch.tensor([7.5, -math.inf], dtype=torch.float64), ValueError,
+     "cfg_scale"),
 ]
 
 
@@ -102,6 +135,8 @@ def test_bad_argument(op, backend, case):
     if op == "heun_step" and text == "x":
         text = "x_hat"
     a = _args()
+    if name in CFG:  # a good third output and weight, then the bad one
+        a.update(d_uncond=torch.randn(S).half(), cfg_scale=7.5)
     a[name] = make(a)
     with pytest.raises(exc, match=rf"\b{text}\b"):
         OPS[op](a, backend=backend)
@@ -119,7 +154,7 @@ def test_heun_sigma_next_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", STEP_OPS)
 def test_bad_out(op, backend):
     require(backend, "cpu")
     a = _args()
@@ -135,7 +170,7 @@ def test_bad_out(op, backend):
             OPS[op](a, out=out, backend=backend)
 
 
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", STEP_OPS)
 def test_bad_backend(op):
     a = _args()
     with pytest.raises(ValueError, match="backend"):

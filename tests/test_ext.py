@@ -12,8 +12,8 @@ import torch
 import ag_kernels
 from ag_kernels.kernels._backends import _load_ext
 from _util import (
-    D_DTYPES, DEVICES, KERNEL_BACKENDS, OPS, TOL, X_DTYPES, call, make_inputs, make_params, oracle, poison, rel_err,
-    require,
+    D_DTYPES, DEVICES, KERNEL_BACKENDS, OPS, TOL, X_DTYPES, call, make_cfg, make_inputs, make_params, make_uncond, oracle,
+    poison, rel_err, require,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,20 +78,28 @@ def test_backends_agree(op, device, x_dtype, gen):
         pytest.skip(f"only {backends} available on {device}")
     for shape in [(5,), (3, 7, 11), (2, 3, 4099)]:
         for mode in ("scalar", "per_sample", "mixed"):
-            for d_main_dtype, d_guide_dtype in [(torch.bfloat16, torch.float16), (torch.float32, torch.float64)]:
+            # CFG's third output in d_main's dtype, in d_guide's (another), or absent.
+            for d_main_dtype, d_guide_dtype, uncond in [(torch.bfloat16, torch.float16, None),
+                                                        (torch.float32, torch.float64, None),
+                                                        (torch.bfloat16, torch.float16, "main"),
+                                                        (torch.float16, torch.float32, "guide")]:
                 g, s, sn = make_params(mode, shape[0], device, gen)
                 x, x_euler, d_main, _ = make_inputs(shape, x_dtype, d_main_dtype, device, gen, s)
                 _, _, _, d_guide = make_inputs(shape, x_dtype, d_guide_dtype, device, gen, s)
-                expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)
+                d_uncond = None if uncond is None else make_uncond(d_main, gen, d_main_dtype if uncond == "main"
+                                                                   else d_guide_dtype)
+                cfg = None if uncond is None else make_cfg(mode, shape[0], device, gen)
+                expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True, d_uncond=d_uncond,
+                                  cfg=1.0 if cfg is None else cfg)
                 results = {
-                    b: call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=b,
+                    b: call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=b, d_uncond=d_uncond, cfg=cfg,
                             out=poison(torch.empty(shape, dtype=x_dtype, device=device)))
                     for b in backends
                 }
                 for b, r in results.items():
-                    assert rel_err(r, expected) <= TOL[x_dtype], (b, shape, mode)
+                    assert rel_err(r, expected) <= TOL[x_dtype], (b, shape, mode, uncond)
                     # Backends computing one formula agree to the same tolerance, on the oracle's scale.
-                    assert rel_err(r, results["torch"], expected[1]) <= TOL[x_dtype], (b, shape, mode)
+                    assert rel_err(r, results["torch"], expected[1]) <= TOL[x_dtype], (b, shape, mode, uncond)
 
 
 def _reason(backend, device):
@@ -124,6 +132,11 @@ def _direct_args(device="cpu"):
         ("s_vec_dtype", TypeError, "s_vec"),
         ("sn_vec_2d", RuntimeError, "sn_vec"),
         ("batch_inner", RuntimeError, "batch"),
+        ("d_uncond_shape", RuntimeError, "d_uncond"),
+        ("d_uncond_dtype", TypeError, "d_uncond"),
+        ("d_uncond_strides", RuntimeError, "d_uncond"),
+        ("c_vec_length", RuntimeError, "c_vec"),
+        ("c_vec_dtype", TypeError, "c_vec"),
     ],
 )
 def test_direct_op_errors(case, exc, name):
@@ -132,6 +145,7 @@ def test_direct_op_errors(case, exc, name):
         pytest.skip("the extension is not built")
     out, x, d = _direct_args()
     dg, g_vec, s_vec, sn_vec = None, None, None, None
+    du, c_vec = d.clone(), None
     if case == "out_dtype":
         out = out.to(torch.float16)
     elif case == "out_overlapping":
@@ -157,8 +171,21 @@ def test_direct_op_errors(case, exc, name):
         x = torch.randn(4, 5, 3).permute(2, 0, 1)
         d = torch.randn(4, 5, 3).permute(2, 0, 1)
         g_vec = torch.ones(3)
+    elif case == "d_uncond_shape":
+        du = torch.randn(3, 4)
+    elif case == "d_uncond_dtype":
+        du = du.to(torch.int16)
+    elif case == "d_uncond_strides":
+        du = torch.randn(3, 5, 4).transpose(1, 2)
+    elif case == "c_vec_length":
+        c_vec = torch.ones(2)
+    elif case == "c_vec_dtype":
+        c_vec = torch.ones(3, dtype=torch.int32)
     with pytest.raises(exc, match=name):
-        torch.ops.ag_kernels.euler_step(out, x, d, dg, g_vec, s_vec, sn_vec, 2.0, 1.0, 0.5)
+        if case.startswith(("d_uncond", "c_vec")):
+            torch.ops.ag_kernels.euler_step(out, x, d, dg, g_vec, s_vec, sn_vec, 2.0, 1.0, 0.5, du, c_vec, 3.0)
+        else:
+            torch.ops.ag_kernels.euler_step(out, x, d, dg, g_vec, s_vec, sn_vec, 2.0, 1.0, 0.5)
 
 
 @pytest.mark.parametrize("d_dtype", D_DTYPES, ids=str)
@@ -172,6 +199,13 @@ def test_direct_op_matches_public(d_dtype, gen):
     out = poison(torch.empty(shape))
     torch.ops.ag_kernels.heun_step(out, x, x_euler, d_main, d_guide, g, s, sn, 1.0, 1.0, 1.0)
     assert rel_err(out, oracle("heun_step", x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)) <= TOL[torch.float32]
+    # With CFG's third output, by keyword (the schema's defaulted trailing arguments).
+    d_uncond, cfg = make_uncond(d_main, gen), make_cfg("per_sample", shape[0], "cpu", gen)
+    out = poison(torch.empty(shape))
+    torch.ops.ag_kernels.heun_step(out, x, x_euler, d_main, d_guide, g, s, sn, 1.0, 1.0, 1.0, d_uncond=d_uncond,
+                                   c_vec=cfg)
+    expected = oracle("heun_step", x, x_euler, d_main, d_guide, g, s, sn, with_scale=True, d_uncond=d_uncond, cfg=cfg)
+    assert rel_err(out, expected) <= TOL[torch.float32]
 
 
 @pytest.mark.cuda

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from _util import OPS, TOL, X_DTYPES, call, make_inputs, make_params, oracle, poison, rel_err, require
+from _util import OPS, TOL, X_DTYPES, call, make_cfg, make_inputs, make_params, make_uncond, oracle, poison, rel_err, require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +119,7 @@ def test_env_override(ext):
 @pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
 def test_variants_bitwise_equal(ext, op, x_dtype, d_pair, gen):
     """Each variant against the baseline (bitwise) and the float64 oracle, with scalar, per-sample
-    and mixed coefficients, with and without guidance."""
+    and mixed coefficients, with and without guidance, with and without CFG's third output."""
     isas = ext._cpu_isas()
     if len(isas) < 2:
         pytest.skip(f"only the {isas[0]!r} variant runs on this CPU")
@@ -128,14 +128,18 @@ def test_variants_bitwise_equal(ext, op, x_dtype, d_pair, gen):
             g, s, sn = make_params(mode, shape[0], "cpu", gen)
             x, x_euler, d_main, _ = make_inputs(shape, x_dtype, d_pair[0], "cpu", gen, s)
             _, _, _, d_guide = make_inputs(shape, x_dtype, d_pair[1], "cpu", gen, s)
-            for guide in (d_guide, None):
-                ref, scale = oracle(op, x, x_euler, d_main, guide, g, s, sn, with_scale=True)
+            d_uncond, cfg = make_uncond(d_main, gen, d_pair[1]), make_cfg(mode, shape[0], "cpu", gen)
+            for guide, uncond in ((d_guide, None), (None, None), (d_guide, d_uncond), (None, d_uncond)):
+                c = cfg if uncond is not None else None
+                ref, scale = oracle(op, x, x_euler, d_main, guide, g, s, sn, with_scale=True, d_uncond=uncond,
+                                    cfg=1.0 if c is None else c)
                 results = {}
                 for name in isas:
                     ext._set_cpu_isa(name)
                     out = poison(torch.empty(shape, dtype=x_dtype))
-                    results[name] = call(op, x, x_euler, d_main, guide, g, s, sn, backend="ext", out=out)
-                where = f"{op} {shape} {mode} guided={guide is not None}"
+                    results[name] = call(op, x, x_euler, d_main, guide, g, s, sn, backend="ext", out=out,
+                                         d_uncond=uncond, cfg=c)
+                where = f"{op} {shape} {mode} guided={guide is not None} cfg={uncond is not None}"
                 # The oracle's own scale on tiny tensors, whose result can cancel (see _util.TOL).
                 err = rel_err(results["default"], ref, scale if results["default"].numel() < 64 else None)
                 assert err <= TOL[x_dtype], f"{where}: default variant rel err {err:.3g}"

@@ -12,7 +12,9 @@ import torch
 
 import ag_kernels
 from ag_kernels.kernels import ops
-from _util import DEVICES, KERNEL_BACKENDS, OPS, TOL, call, make_inputs, oracle, poison, rel_err, require
+from _util import (
+    DEVICES, KERNEL_BACKENDS, OPS, TOL, call, make_cfg, make_inputs, make_uncond, oracle, poison, rel_err, require,
+)
 
 G, S, SN = 2.1, 1.25, 0.9
 
@@ -48,26 +50,34 @@ def _slow(monkeypatch, op, *args, **kwargs):
 @pytest.mark.parametrize("shape", [(1,), (7,), (4099,), (3, 5, 7)], ids=str)
 @pytest.mark.parametrize("x_dtype, d_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                               (torch.float32, torch.float16), (torch.float64, torch.float32)], ids=str)
-@pytest.mark.parametrize("guided", ["guided", "unguided", "w=1"])
+@pytest.mark.parametrize("guided", ["guided", "unguided", "w=1", "cfg", "cfg_unguided", "cfg=1"])
 def test_common_call_skips_checks_and_matches(monkeypatch, checked_calls, op, backend, device, shape, x_dtype,
                                               d_dtype, guided, gen):
+    """Also with CFG's third output (d_uncond in d_main's dtype, a number as cfg_scale; at 1 it is not read)."""
     require(backend, device)
     x, x_euler, d_main, d_guide = _inputs(shape, x_dtype, d_dtype, device, gen)
     g = 1.0 if guided == "w=1" else G
-    if guided == "unguided":
+    if guided in ("unguided", "cfg_unguided"):
         d_guide = None
+    cfg = {"cfg": 7.5, "cfg_unguided": 4.0, "cfg=1": 1.0}.get(guided)
+    d_uncond = None if cfg is None else make_uncond(d_main, gen)
+    if cfg == 1.0:
+        d_uncond = poison(d_uncond)
     for use_out in (True, False):
         out = poison(torch.empty(shape, dtype=x_dtype, device=device)) if use_out else None
-        result = call(op, x, x_euler, d_main, d_guide, g, S, SN, backend=backend, out=out)
+        result = call(op, x, x_euler, d_main, d_guide, g, S, SN, backend=backend, out=out, d_uncond=d_uncond, cfg=cfg)
         assert checked_calls == [], f"the common call took the checked path ({checked_calls})"
         if use_out:
             assert result is out
         assert result.dtype == x_dtype and result.shape == x.shape and result.is_contiguous()
-        expected = _slow(monkeypatch, op, x, x_euler, d_main, d_guide, g, S, SN, backend=backend)
+        expected = _slow(monkeypatch, op, x, x_euler, d_main, d_guide, g, S, SN, backend=backend, d_uncond=d_uncond,
+                         cfg=cfg)
         assert checked_calls == [op]
         checked_calls.clear()
         assert torch.equal(result, expected), f"{op}: the fast path differs from the checked path"
-        err = rel_err(result, oracle(op, x, x_euler, d_main, d_guide, g, S, SN, with_scale=True))
+        read = None if cfg == 1.0 else d_uncond
+        err = rel_err(result, oracle(op, x, x_euler, d_main, d_guide, g, S, SN, with_scale=True, d_uncond=read,
+                                     cfg=cfg or 1.0))
         assert err <= TOL[x_dtype]
 
 
@@ -209,13 +219,18 @@ def test_meta_device_mismatch_is_an_error():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 @pytest.mark.parametrize("layout", ["contiguous", "d_noncontiguous", "d_aliases_out_other_dtype"])
 @pytest.mark.parametrize("weight", ["scalar", "per_sample", "none"])
-def test_prepared_steps_match_public_ops(monkeypatch, checked_calls, backend, layout, weight, gen):
+@pytest.mark.parametrize("cfg", ["none", "scalar", "per_sample", "other_dtype"])
+def test_prepared_steps_match_public_ops(monkeypatch, checked_calls, backend, layout, weight, cfg, gen):
+    """The direct kernel call with and without CFG's third output; d_uncond in another dtype than
+    d_main's goes through the public op (the CUDA kernels read both in one dtype)."""
     require(backend, "cpu")
     shape = (3, 4, 5)
     x_hat, x_euler, d_main, d_guide = _inputs(shape, torch.float32, torch.bfloat16, "cpu", gen)
     w = {"scalar": G, "per_sample": torch.tensor([1.5, 2.1, 3.0]), "none": 1.0}[weight]
     if weight == "none":
         d_guide = None
+    d_uncond = None if cfg == "none" else make_uncond(d_main, gen, torch.float16 if cfg == "other_dtype" else None)
+    c = 1.0 if cfg == "none" else make_cfg("per_sample" if cfg == "per_sample" else "scalar", shape[0], "cpu", gen)
     out = poison(torch.empty(shape))
     if layout == "d_noncontiguous":
         d_main = d_main.transpose(0, 2).contiguous().transpose(0, 2)
@@ -226,15 +241,16 @@ def test_prepared_steps_match_public_ops(monkeypatch, checked_calls, backend, la
     for name in ("euler", "heun"):
         if layout == "d_aliases_out_other_dtype":
             d_main = out.view(torch.bfloat16)[:, :, :5].copy_(snapshot)
+        kw = {} if cfg == "none" else {"d_uncond": d_uncond, "cfg_scale": c}
         if name == "euler":
-            expected = oracle("euler_step", x_hat, None, d_main, d_guide, w, S, SN)
-            result = steps.euler(x_hat, d_main, d_guide, w, S, SN, out=out)
+            expected = oracle("euler_step", x_hat, None, d_main, d_guide, w, S, SN, d_uncond=d_uncond, cfg=c)
+            result = steps.euler(x_hat, d_main, d_guide, w, S, SN, out=out, **kw)
         else:
-            expected = oracle("heun_step", x_hat, x_euler, d_main, d_guide, w, S, SN)
-            result = steps.heun(x_hat, x_euler, d_main, d_guide, w, S, SN, out=out)
+            expected = oracle("heun_step", x_hat, x_euler, d_main, d_guide, w, S, SN, d_uncond=d_uncond, cfg=c)
+            result = steps.heun(x_hat, x_euler, d_main, d_guide, w, S, SN, out=out, **kw)
         assert result is out
         assert rel_err(result, expected) <= TOL[torch.float32], (name, layout)
-    direct = backend != "torch" and layout == "contiguous"
+    direct = backend != "torch" and layout == "contiguous" and cfg != "other_dtype"
     assert (checked_calls == []) == direct, f"checked path calls: {checked_calls}"
 
 

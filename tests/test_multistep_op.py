@@ -2,7 +2,7 @@
 
 x_next = a x + b0 D_w + b1 H[read1] + b2 H[read2], then H[write] = D_w, with D_w the guided
 denoiser: odd sizes, every x and network-output dtype, scalar and per-sample guidance, guidance
-on/off/w=1, history slots read and written (the ring of a 2M and a 3M run), non-contiguous
+on/off/w=1, CFG's third output (d_uncond, cfg_scale) on and off, history slots read and written (the ring of a 2M and a 3M run), non-contiguous
 inputs, poisoned outputs and history slots (a slot not read must not be read: NaN there stays
 out of the result), out aliasing x, autograd, the direct kernel ops, and argument errors.
 """
@@ -12,22 +12,27 @@ import torch
 from torch.autograd import gradcheck
 
 import ag_kernels
-from _util import BACKENDS, D_DTYPES, DEVICES, TOL, X_DTYPES, make_inputs, poison, rel_err, require
+from _util import BACKENDS, D_DTYPES, DEVICES, TOL, X_DTYPES, make_cfg, make_inputs, make_uncond, poison, rel_err, require
 
 SHAPES = [(1,), (7,), (4099,), (3, 5, 7, 9)]
 # (b, read, write, slots): first order into an empty ring, 2M's one slot read and overwritten, 3M's two.
 RINGS = [((0.7,), (), 0, 1), ((1.3, -0.3), (0,), 0, 1), ((1.4, -0.5, 0.1), (1, 0), 1, 2), ((1.0,), (), None, 2)]
 
 
-def _oracle(x, d_main, d_guide, g, a, b, hist, read):
+def _oracle(x, d_main, d_guide, g, a, b, hist, read, d_uncond=None, cfg=1.0):
     f = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    col = lambda v: f(v).reshape((-1,) + (1,) * (d_main.dim() - 1)) if isinstance(v, torch.Tensor) else v  # noqa: E731
     d_main = f(d_main)
     if d_guide is None:
         D, D_terms = d_main, [d_main]
     else:
-        gc = f(g).reshape((-1,) + (1,) * (d_main.dim() - 1)) if isinstance(g, torch.Tensor) else g
+        gc = col(g)
         D = f(d_guide) + gc * (d_main - f(d_guide))
         D_terms = [D, f(d_guide), gc * (d_main - f(d_guide))]
+    if d_uncond is not None:  # D_1 + (w - 1)(D_1 - D_0) + (w_cfg - 1)(D_1 - D_u)
+        c1 = col(cfg) - 1
+        D = D + c1 * (d_main - f(d_uncond))
+        D_terms = D_terms + [D, c1 * d_main, c1 * f(d_uncond)]
     terms = [a * f(x), b[0] * D] + [b_k * f(hist[r]) for b_k, r in zip(b[1:], read)]
     result = sum(terms[1:], terms[0])
     # Scales of the computations (the largest term summed): a 1-element result can cancel to near 0.
@@ -35,11 +40,15 @@ def _oracle(x, d_main, d_guide, g, a, b, hist, read):
     return result, D, scale, max(t.abs().max().item() for t in D_terms)
 
 
-def _case(backend, device, shape, x_dtype, d_dtype, ring, guide, per_sample, gen, *, noncontig=False, use_out=True):
+def _case(backend, device, shape, x_dtype, d_dtype, ring, guide, per_sample, gen, *, noncontig=False, use_out=True,
+          cfg=False):
     b, read, write, slots = ring
     x, _, d_main, d_guide = make_inputs(shape, x_dtype, d_dtype, device, gen, 2.0)
+    d_uncond = make_uncond(d_main, gen) if cfg else None
+    cfg_scale = make_cfg("per_sample" if per_sample else "scalar", shape[0], device, gen) if cfg else 1.0
     if noncontig:
         x, d_main, d_guide = (torch.stack([t, t], -1)[..., 0] for t in (x, d_main, d_guide))
+        d_uncond = None if d_uncond is None else torch.stack([d_uncond, d_uncond], -1)[..., 1]
         assert not x.is_contiguous() or x.numel() == 1
     g = (1.0 + 2.0 * torch.rand(shape[0], generator=gen, dtype=torch.float64)).to(device) if per_sample else 2.3
     if guide == "unguided":
@@ -51,15 +60,17 @@ def _case(backend, device, shape, x_dtype, d_dtype, ring, guide, per_sample, gen
         hist[r].copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
     before = hist.clone()
     a = 0.37
-    expected, D, scale, D_scale = _oracle(x, d_main, None if guide == "w=1" else d_guide, g, a, b, before, read)
+    expected, D, scale, D_scale = _oracle(x, d_main, None if guide == "w=1" else d_guide, g, a, b, before, read,
+                                          d_uncond, cfg_scale)
     out = poison(torch.empty(shape, dtype=x_dtype, device=device)) if use_out else None
+    kw = {"d_uncond": d_uncond, "cfg_scale": cfg_scale} if cfg else {}
     result = ag_kernels.multistep_step(x, d_main, d_guide, g, hist, a, b, read=read, write=write, out=out,
-                                       backend=backend)
+                                       backend=backend, **kw)
     if use_out:
         assert result is out
     assert result.dtype == x_dtype and result.shape == shape
     err = rel_err(result, expected, scale)
-    assert err <= TOL[x_dtype], f"{backend} {ring} {guide}: x_next rel err {err:.3g}"
+    assert err <= TOL[x_dtype], f"{backend} {ring} {guide} cfg={cfg}: x_next rel err {err:.3g}"
     for k in range(slots):
         if k == write:
             err = rel_err(hist[k], D, D_scale)
@@ -80,18 +91,22 @@ def test_matches_oracle(backend, device, shape, x_dtype, d_dtype, gen):
     for ring in RINGS:
         for guide in ("guided", "unguided", "w=1"):
             for per_sample in (False, True):
-                _case(backend, device, shape, x_dtype, d_dtype, ring, guide, per_sample, gen, use_out=k % 2 == 0)
-                k += 1
+                for cfg in (False, True):
+                    _case(backend, device, shape, x_dtype, d_dtype, ring, guide, per_sample, gen, use_out=k % 3 == 0,
+                          cfg=cfg)
+                    k += 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_and_noncontiguous(backend, device, gen):
     require(backend, device)
-    for shape in [(1_000_003,), (5, 3, 4099)]:
-        _case(backend, device, shape, torch.float32, torch.bfloat16, RINGS[2], "guided", True, gen)
+    for shape, cfg in [((1_000_003,), False), ((5, 3, 4099), False), ((5, 3, 4099), True)]:
+        _case(backend, device, shape, torch.float32, torch.bfloat16, RINGS[2], "guided", True, gen, cfg=cfg)
     for ring in RINGS:
-        _case(backend, device, (3, 5, 7), torch.float32, torch.float16, ring, "guided", True, gen, noncontig=True)
+        for cfg in (False, True):
+            _case(backend, device, (3, 5, 7), torch.float32, torch.float16, ring, "guided", True, gen, noncontig=True,
+                  cfg=cfg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,16 +114,18 @@ def test_out_is_x_and_backends_agree(backend, gen):
     """In place (out=x), the ext and Triton kernels equal the torch reference to an ulp or two."""
     require(backend, "cpu")
     x, _, d_main, d_guide = make_inputs((4, 257), torch.float32, torch.float16, "cpu", gen, 5.0)
+    d_uncond = make_uncond(d_main, gen, torch.bfloat16)
     hist = torch.randn((2, 4, 257), generator=gen)
-    results = {}
-    for be in ("torch", backend):
-        xb, hb = x.clone(), hist.clone()
-        out = ag_kernels.multistep_step(xb, d_main, d_guide, 2.0, hb, 0.5, (1.2, -0.3, 0.1), read=(0, 1), write=1,
-                                        out=xb, backend=be)
-        assert out is xb
-        results[be] = (xb, hb)
-    torch.testing.assert_close(results[backend][0], results["torch"][0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(results[backend][1], results["torch"][1], rtol=1e-6, atol=1e-6)
+    for kw in ({}, {"d_uncond": d_uncond, "cfg_scale": 6.5}):
+        results = {}
+        for be in ("torch", backend):
+            xb, hb = x.clone(), hist.clone()
+            out = ag_kernels.multistep_step(xb, d_main, d_guide, 2.0, hb, 0.5, (1.2, -0.3, 0.1), read=(0, 1), write=1,
+                                            out=xb, backend=be, **kw)
+            assert out is xb
+            results[be] = (xb, hb)
+        torch.testing.assert_close(results[backend][0], results["torch"][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(results[backend][1], results["torch"][1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,23 +137,26 @@ def test_empty(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck(backend, gen):
-    """Every backend differentiates like the formula: x, d_main, d_guide, per-sample w and the history."""
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_gradcheck(backend, cfg, gen):
+    """Every backend differentiates like the formula: x, d_main, d_guide, per-sample w and the history
+    (and d_uncond with a per-sample cfg_scale)."""
     require(backend, "cpu")
 
     def t(*shape):
         return torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
 
-    x, dm, dg, h = t(3, 5), t(3, 5), t(3, 5), t(2, 3, 5)
+    x, dm, dg, h, du = t(3, 5), t(3, 5), t(3, 5), t(2, 3, 5), t(3, 5)
     w = (1.5 + torch.rand(3, generator=gen, dtype=torch.float64)).requires_grad_()
+    c = (3.0 + torch.rand(3, generator=gen, dtype=torch.float64)).requires_grad_()
 
-    def fn(x, dm, dg, w, h):
+    def fn(x, dm, dg, w, h, du=None, c=1.0):
         hist = h.clone()  # the op writes D_w into slot 1: differentiable through the copy
         x_next = ag_kernels.multistep_step(x, dm, dg, w, hist, 0.6, (1.3, -0.2, 0.05), read=(0, 1), write=1,
-                                           backend=backend)
+                                           backend=backend, d_uncond=du, cfg_scale=c)
         return x_next, hist
 
-    assert gradcheck(fn, (x, dm, dg, w, h))
+    assert gradcheck(fn, (x, dm, dg, w, h, du, c) if cfg else (x, dm, dg, w, h))
 
 
 @pytest.mark.parametrize("case, exc, match", [
@@ -164,6 +184,9 @@ def test_out_or_x_sharing_history_is_refused():
         ag_kernels.multistep_step(torch.zeros(3, 4), torch.zeros(3, 4), None, 1.0, hist, 1.0, (1.0,), out=hist[0])
     with pytest.raises(ValueError, match="x shares memory with history"):
         ag_kernels.multistep_step(hist[1], torch.zeros(3, 4), None, 1.0, hist, 1.0, (1.0,), write=0)
+    with pytest.raises(ValueError, match="d_uncond shares memory with history"):
+        ag_kernels.multistep_step(torch.zeros(3, 4), torch.zeros(3, 4), None, 1.0, hist, 1.0, (1.0,), write=0,
+                                  d_uncond=hist[1], cfg_scale=3.0)
 
 
 @pytest.mark.parametrize("backend", ["ext", "triton"])

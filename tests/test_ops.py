@@ -1,5 +1,5 @@
 """Every backend against the float64 oracle: sizes, dtypes, scalar/per-sample coefficients,
-guidance on/off, layouts, `out` aliasing, poisoned outputs."""
+guidance on/off, CFG's third output (d_uncond) on/off, layouts, `out` aliasing, poisoned outputs."""
 
 import pytest
 import torch
@@ -7,32 +7,41 @@ import torch
 import ag_kernels
 from ag_kernels.commands.selfcheck import karras_sigmas
 from _util import (
-    BACKENDS, D_DTYPES, DEVICES, OPS, TOL, X_DTYPES, call, make_inputs, make_params, oracle, poison,
-    rel_err, require,
+    BACKENDS, D_DTYPES, DEVICES, OPS, TOL, X_DTYPES, call, make_cfg, make_inputs, make_params, make_uncond, oracle,
+    poison, rel_err, require,
 )
 
 SMALL_SHAPES = [(1,), (7,), (4099,), (3, 5, 7, 9)]
 LARGE_SHAPES = [(1_000_003,), (8, 4, 64, 64), (5, 3, 4099)]
-CASES = [  # (coefficient mode, guidance case)
-    (mode, guide) for mode in ("scalar", "per_sample", "mixed") for guide in ("guided", "unguided", "w=1")
-]
+CASES = [  # (coefficient mode, guidance case, CFG case)
+    (mode, guide, cfg) for mode in ("scalar", "per_sample", "mixed") for guide in ("guided", "unguided", "w=1")
+    for cfg in ("none", "cfg")
+] + [(mode, "guided", "cfg=1") for mode in ("scalar", "per_sample")]
 
 
-def _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_out, strict=False):
+def _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_out, strict=False, cfg_case="none"):
+    """One call against the oracle.  ``cfg_case``: "none" (no d_uncond), "cfg" (d_uncond with a CFG weight
+    drawn like the guidance: a number or per sample), "cfg=1" (a scalar weight 1: d_uncond, all NaN, is not read)."""
     g, s, sn = make_params(mode, shape[0], device, gen)
     x, x_euler, d_main, d_guide = make_inputs(shape, x_dtype, d_dtype, device, gen, s)
     if guide == "unguided":
         d_guide = None
     elif guide == "w=1":
         g = 1.0
+    d_uncond, cfg = None, None
+    if cfg_case == "cfg":
+        d_uncond, cfg = make_uncond(d_main, gen), make_cfg(mode, shape[0], device, gen)
+    elif cfg_case == "cfg=1":
+        d_uncond, cfg = poison(torch.empty_like(d_main)), 1.0
     out = poison(torch.empty(shape, dtype=x_dtype, device=device)) if use_out else None
-    result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out)
+    result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out, d_uncond=d_uncond, cfg=cfg)
     if use_out:
         assert result is out
     assert result.shape == x.shape and result.dtype == x_dtype and result.device == x.device
-    expected, scale = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)
+    read = d_uncond if cfg_case == "cfg" else None
+    expected, scale = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True, d_uncond=read, cfg=cfg)
     err = rel_err(result, expected, None if strict else scale)
-    assert err <= TOL[x_dtype], f"{op} {backend} {mode} {guide}: rel err {err:.3g} > {TOL[x_dtype]:g}"
+    assert err <= TOL[x_dtype], f"{op} {backend} {mode} {guide} {cfg_case}: rel err {err:.3g} > {TOL[x_dtype]:g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -43,8 +52,8 @@ def _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_o
 @pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
 def test_matches_oracle(op, backend, device, shape, x_dtype, d_dtype, gen):
     require(backend, device)
-    for i, (mode, guide) in enumerate(CASES):
-        _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_out=i % 2 == 1)
+    for i, (mode, guide, cfg_case) in enumerate(CASES):
+        _check(op, backend, device, shape, x_dtype, d_dtype, mode, guide, gen, use_out=i % 3 == 1, cfg_case=cfg_case)
 
 
 # In Triton's CPU interpreter the 1-D shape of 10^6 elements (thousands of programs, one code path for
@@ -63,9 +72,10 @@ def test_large_matches_oracle(op, backend, device, shape, d_dtype, gen):
     if backend == "triton" and device == "cpu" and len(shape) == 1 and (op, d_dtype) != INTERPRETED_LARGE_1D:
         pytest.skip(f"Triton interpreter: the 10^6-element 1-D case runs for {INTERPRETED_LARGE_1D[0]} "
                     f"with {INTERPRETED_LARGE_1D[1]} only (the same kernel path for every op)")
-    for mode in ("scalar", "per_sample"):
+    for mode, cfg_case in (("scalar", "none"), ("per_sample", "none"), ("mixed", "cfg")):
         # strict: the issue's metric, max|out - oracle| / max|oracle|, on large tensors.
-        _check(op, backend, device, shape, torch.float32, d_dtype, mode, "guided", gen, use_out=True, strict=True)
+        _check(op, backend, device, shape, torch.float32, d_dtype, mode, "guided", gen, use_out=True, strict=True,
+               cfg_case=cfg_case)
 
 
 def _layouts(shape, device):
@@ -87,24 +97,29 @@ def test_noncontiguous(op, backend, device, layout, gen):
     require(backend, device)
     shape = (3, 4, 5, 6)
     layouts = _layouts(shape, device)
-    for mode in ("scalar", "per_sample"):
+    for mode, with_cfg in (("scalar", False), ("per_sample", False), ("scalar", True), ("per_sample", True)):
         g, s, sn = make_params(mode, shape[0], device, gen)
         x, x_euler, d_main, d_guide = make_inputs(shape, torch.float32, torch.bfloat16, device, gen, s)
+        d_uncond = make_uncond(d_main, gen, torch.float16) if with_cfg else None
+        cfg = make_cfg(mode, shape[0], device, gen) if with_cfg else None
         if layout == "mixed":  # every operand in a different layout
             x = layouts["channels_last"](x)
             x_euler = layouts["transposed"](x_euler)
             d_main = layouts["sliced"](d_main)
             d_guide = layouts["batch_inner"](d_guide)
+            d_uncond = None if d_uncond is None else layouts["transposed"](d_uncond)
             out = poison(layouts["sliced"](torch.empty(shape, device=device)))
         else:
             x, x_euler, d_main, d_guide = (layouts[layout](t) for t in (x, x_euler, d_main, d_guide))
+            d_uncond = None if d_uncond is None else layouts[layout](d_uncond)
             out = poison(layouts[layout](torch.empty(shape, device=device)))
         assert not x.is_contiguous() and not d_main.is_contiguous()
-        expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)
-        result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out)
+        assert d_uncond is None or not d_uncond.is_contiguous()
+        expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True, d_uncond=d_uncond, cfg=cfg)
+        result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out, d_uncond=d_uncond, cfg=cfg)
         assert result is out
         assert rel_err(result, expected) <= TOL[torch.float32]
-        fresh = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend)
+        fresh = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, d_uncond=d_uncond, cfg=cfg)
         assert rel_err(fresh, expected) <= TOL[torch.float32]
 
 
@@ -112,7 +127,7 @@ def test_noncontiguous(op, backend, device, layout, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_expanded_input(op, backend, device, gen):
-    """A broadcast (stride-0) network output is read correctly."""
+    """A broadcast (stride-0) network output is read correctly (d_guide, then d_uncond too)."""
     require(backend, device)
     shape = (4, 3, 9)
     g, s, sn = make_params("per_sample", shape[0], device, gen)
@@ -120,6 +135,11 @@ def test_expanded_input(op, backend, device, gen):
     d_guide = torch.randn((1, 3, 9), generator=gen).to(device, torch.float16).expand(shape)
     result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend)
     assert rel_err(result, oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)) <= TOL[torch.float32]
+    d_uncond = torch.randn((4, 1, 9), generator=gen).to(device, torch.bfloat16).expand(shape)
+    cfg = make_cfg("per_sample", shape[0], device, gen)
+    result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, d_uncond=d_uncond, cfg=cfg)
+    expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True, d_uncond=d_uncond, cfg=cfg)
+    assert rel_err(result, expected) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,14 +152,17 @@ def test_out_aliases_x(op, backend, device, x_dtype, gen):
     shape = (5, 3, 33)
     targets = ["x", "x_euler"] if op == "heun_step" else ["x"]
     for target in targets:
-        for mode in ("scalar", "per_sample"):
+        for mode, with_cfg in (("scalar", False), ("per_sample", False), ("mixed", True)):
             g, s, sn = make_params(mode, shape[0], device, gen)
             x, x_euler, d_main, d_guide = make_inputs(shape, x_dtype, torch.bfloat16, device, gen, s)
-            expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True)
+            d_uncond = make_uncond(d_main, gen) if with_cfg else None
+            cfg = make_cfg(mode, shape[0], device, gen) if with_cfg else None
+            expected = oracle(op, x, x_euler, d_main, d_guide, g, s, sn, with_scale=True, d_uncond=d_uncond, cfg=cfg)
             out = x if target == "x" else x_euler
-            result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out)
+            result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out, d_uncond=d_uncond,
+                          cfg=cfg)
             assert result is out
-            assert rel_err(out, expected) <= TOL[x_dtype], f"out={target} {mode}"
+            assert rel_err(out, expected) <= TOL[x_dtype], f"out={target} {mode} cfg={with_cfg}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,27 +190,35 @@ def test_empty(op, backend, device, shape, gen):
     require(backend, device)
     g, s, sn = make_params("per_sample", shape[0], device, gen)
     x, x_euler, d_main, d_guide = make_inputs(shape, torch.float32, torch.bfloat16, device, gen, s)
-    result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend)
-    assert result.shape == shape and result.dtype == torch.float32 and result.device == x.device
-    out = torch.empty(shape, device=device)
-    assert call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out) is out
+    d_uncond, cfg = make_uncond(d_main, gen), make_cfg("per_sample", shape[0], device, gen)
+    for kw in ({}, {"d_uncond": d_uncond, "cfg": cfg}):
+        result = call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, **kw)
+        assert result.shape == shape and result.dtype == torch.float32 and result.device == x.device
+        out = torch.empty(shape, device=device)
+        assert call(op, x, x_euler, d_main, d_guide, g, s, sn, backend=backend, out=out, **kw) is out
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_guide_not_read_without_guidance(op, backend, device, gen):
-    """d_guide=None ignores guidance; scalar guidance 1 never reads d_guide (NaN there stays out)."""
+    """d_guide=None ignores guidance; scalar guidance 1 never reads d_guide (NaN there stays out).
+    The same for d_uncond and cfg_scale, alone and together with the guide."""
     require(backend, device)
     shape = (2, 3, 17)
     g, s, sn = make_params("scalar", shape[0], device, gen)
     x, x_euler, d_main, _ = make_inputs(shape, torch.float32, torch.float16, device, gen, s)
     expected = oracle(op, x, x_euler, d_main, None, 1.0, s, sn, with_scale=True)
     nan_guide = torch.full(shape, float("nan"), dtype=torch.float16, device=device)
+    nan_uncond = torch.full(shape, float("nan"), dtype=torch.bfloat16, device=device)
     result = call(op, x, x_euler, d_main, nan_guide, 1.0, s, sn, backend=backend)
+    assert rel_err(result, expected) <= TOL[torch.float32]
+    result = call(op, x, x_euler, d_main, nan_guide, 1.0, s, sn, backend=backend, d_uncond=nan_uncond, cfg=1)
     assert rel_err(result, expected) <= TOL[torch.float32]
     for ignored in (7.5, None, "ignored"):
         result = call(op, x, x_euler, d_main, None, ignored, s, sn, backend=backend)
+        assert rel_err(result, expected) <= TOL[torch.float32]
+        result = call(op, x, x_euler, d_main, None, ignored, s, sn, backend=backend, d_uncond=None, cfg=ignored)
         assert rel_err(result, expected) <= TOL[torch.float32]
 
 

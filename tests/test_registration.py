@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import ag_kernels
-from _util import DEVICES, KERNEL_BACKENDS, TOL, make_inputs, make_params, oracle, rel_err, require
+from _util import (
+    DEVICES, KERNEL_BACKENDS, TOL, make_cfg, make_inputs, make_params, make_uncond, oracle, rel_err, require,
+)
 
 
 def _namespace(backend):
@@ -16,7 +18,8 @@ def _namespace(backend):
 
 
 def _samples(device, gen):
-    """(op name, args) for each kernel op, with and without guidance, scalar and per-sample."""
+    """(op name, args) for each kernel op, with and without guidance, scalar and per-sample, and with
+    CFG's third output (d_uncond, c_vec, c) appended."""
     shape = (3, 2, 37)
     samples = []
     for mode in ("scalar", "per_sample"):
@@ -32,7 +35,24 @@ def _samples(device, gen):
                 ("heun_step", (out, x, x_euler, d_main, guide, vec(g), vec(s), vec(sn), num(g), num(s), num(sn))),
                 ("guided_score", (out, x, d_main, guide, vec(g), vec(s), num(g), num(s))),
             ]
+        cfg = make_cfg(mode, shape[0], device, gen)
+        three = (make_uncond(d_main, gen), vec(cfg), num(cfg))
+        samples += [(name, args + three) for name, args in samples[-4:]]
     return samples
+
+
+def test_kernel_schemas_agree():
+    """The Triton ops take the extension's arguments (names, types, defaults): the API calls both alike."""
+    from ag_kernels.kernels._backends import EXT_OPS, _load_ext
+
+    if _load_ext() is None:
+        pytest.skip("the extension is not built")
+    require("triton", "cpu")
+    for name in EXT_OPS:
+        ext = getattr(_namespace("ext"), name).default._schema
+        tri = getattr(_namespace("triton"), name).default._schema
+        describe = lambda schema: [(a.name, str(a.type), a.default_value) for a in schema.arguments]  # noqa: E731
+        assert describe(ext) == describe(tri), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -53,11 +73,14 @@ def test_compiled_loop(backend, device, gen):
     sigmas = [2.0, 1.2, 0.7, 0.3]
     x0, _, d_main, d_guide = make_inputs(shape, torch.float32, torch.bfloat16, device, gen, sigmas[0])
     w = (1.5 + torch.rand(shape[0], generator=gen)).to(device)
+    d_uncond, cfg = make_uncond(d_main, gen), make_cfg("per_sample", shape[0], device, gen)
 
     def loop(x):
         for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
             x_euler = ag_kernels.euler_step(x, d_main, d_guide, w, t_cur, t_next, backend=backend)
             x = ag_kernels.heun_step(x, x_euler, d_main, d_guide, w, t_cur, t_next, backend=backend, out=x_euler)
+        x = ag_kernels.euler_step(x, d_main, d_guide, w, sigmas[-1], sigmas[-1] / 2, backend=backend,
+                                  d_uncond=d_uncond, cfg_scale=cfg)
         return ag_kernels.guided_score(x, d_main, d_guide, w, sigmas[-1], backend=backend)
 
     compile_backend = "inductor" if device == "cuda" else "aot_eager"
@@ -69,5 +92,7 @@ def test_compiled_loop(backend, device, gen):
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         x_euler = oracle("euler_step", loop_reference, None, d_main, d_guide, w, t_cur, t_next)
         loop_reference = oracle("heun_step", loop_reference, x_euler, d_main, d_guide, w, t_cur, t_next)
+    loop_reference = oracle("euler_step", loop_reference, None, d_main, d_guide, w, sigmas[-1], sigmas[-1] / 2,
+                            d_uncond=d_uncond, cfg=cfg)
     expected = oracle("guided_score", loop_reference, None, d_main, d_guide, w, sigmas[-1], None)
     assert rel_err(eager, expected) <= 10 * TOL[torch.float32]  # 7 chained ops in float32

@@ -384,3 +384,40 @@ def test_cli_solver_unipc(tmp_path):
         with Image.open(tmp_path / "out" / f"{seed:06d}.png") as png:
             assert np.array_equal(np.asarray(png), image.permute(1, 2, 0).numpy())
     assert cli(args + ["--outdir", str(tmp_path / "o2"), "--churn", "1"]) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["scalar", "per-sample"])
+def test_corrector_with_cfg_matches_oracle(backend, x_dtype, per_sample, gen):
+    """UniPC's corrector and the three-output blend (autoguidance + CFG) in one fused pass, against a
+    float64 oracle of D = D_1 + (w - 1)(D_1 - D_0) + (w_cfg - 1)(D_1 - D_u), x_c, x_next."""
+    require(backend, "cpu")
+    shape = (3, 5, 67)
+    for d_dtype in D_DTYPES:
+        x, _, d_main, d_guide = make_inputs(shape, x_dtype, d_dtype, "cpu", gen, 2.0)
+        d_uncond = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2.0).to(d_dtype)
+        g = (1.0 + 2.0 * torch.rand(3, generator=gen, dtype=torch.float64)) if per_sample else 2.3
+        w_cfg = (2.0 + 5.0 * torch.rand(3, generator=gen, dtype=torch.float64)) if per_sample else 6.5
+        hist = torch.randn((2,) + shape, generator=gen, dtype=torch.float64).to(x_dtype)
+        a_c, c, a, b, read, write = 0.81, (0.5, 0.4, -0.05), 0.37, (1.2, -0.25), (1, 0), 0
+        f = lambda t: t.to(torch.float64)  # noqa: E731
+        col = lambda v: f(v).reshape(-1, 1, 1) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        D = f(d_main) + (col(g) - 1) * (f(d_main) - f(d_guide)) + (col(w_cfg) - 1) * (f(d_main) - f(d_uncond))
+        x_c = a_c * f(x) + c[0] * D + c[1] * f(hist[1]) + c[2] * f(hist[0])
+        x_next = a * x_c + b[0] * D + b[1] * f(hist[1])
+        scale = max(t.abs().max().item() for t in (f(d_main), f(d_guide), f(d_uncond), D, x_c, x_next)) * 8
+        out, corrected, h = poison(torch.empty_like(x)), poison(torch.empty_like(x)), hist.clone()
+        result = ag_kernels.multistep_step(x, d_main, d_guide, g, h, a, b, read=read, write=write, out=out,
+                                           corrector=(a_c, c), corrected=corrected, backend=backend,
+                                           d_uncond=d_uncond, cfg_scale=w_cfg)
+        assert result is out
+        tol = TOL[x_dtype]
+        assert rel_err(out, x_next, scale) <= tol, f"{backend} {d_dtype}: x_next"
+        assert rel_err(corrected, x_c, scale) <= tol, f"{backend} {d_dtype}: x_c"
+        assert rel_err(h[0], D, scale) <= tol, f"{backend} {d_dtype}: history[0] (D)"
+        assert torch.equal(h[1], hist[1])
+        # The CFG term is really read: without it the result moves far beyond the tolerance.
+        plain = ag_kernels.multistep_step(x, d_main, d_guide, g, hist.clone(), a, b, read=read, write=write,
+                                          corrector=(a_c, c), corrected=torch.empty_like(x), backend=backend)
+        assert rel_err(plain, x_next, scale) > 100 * tol

@@ -68,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s-min", "--S_min", dest="s_min", type=float, default=0.0)
     p.add_argument("--s-max", "--S_max", dest="s_max", type=float, default=float("inf"))
     p.add_argument("--s-noise", "--S_noise", dest="s_noise", type=float, default=1.0)
-    p.add_argument("--solver", choices=SOLVER_CHOICES, default="heun",
+    p.add_argument("--solver", choices=SOLVER_CHOICES, default=None,
                    help="heun (default, the reference; 2N-1 evaluations), euler, or the multistep dpmpp_2m / "
-                        "dpmpp_3m / unipc (N evaluations, no --churn)")
+                        "dpmpp_3m / unipc (N evaluations, no --churn); with --diffusers the default follows the scheduler")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="sampler dtype")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or ext")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
@@ -82,6 +82,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load checkpoints that need full unpickling, EDM2 snapshots included (can run arbitrary "
                         "code: trusted files only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("diffusers pipelines (SD, SDXL, SD3; needs pip install -e \".[diffusers]\")")
+    g.add_argument("--diffusers", metavar="PIPELINE_DIR",
+                   help="a diffusers pipeline folder (save_pretrained / a downloaded snapshot) instead of --net")
+    g.add_argument("--guide", metavar="MODEL_DIR",
+                   help="the guide network for autoguidance: a UNet/transformer folder, or a pipeline folder")
+    g.add_argument("--prompt", help="the text prompt (every seed)")
+    g.add_argument("--negative-prompt", dest="negative_prompt", help="the negative prompt (CFG's unconditional branch)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's own; CFG only when > 1)")
+    g.add_argument("--autoguidance", type=float, default=1.0,
+                   help="autoguidance scale (default 1: off); needs --guide")
 
 
 # --------------------------------------------------------------------------- checks
@@ -319,7 +330,6 @@ def _run(args) -> int:
 
     from ..models.checkpoint import CheckpointError
     from ..models.edm2 import EDM2Error, find_checkout, prepare_encoder, resolve_preset, use_checkout
-    from ..sampling.engine import NonFiniteError
     from ..sampling.generation import generate
 
     try:
@@ -329,6 +339,18 @@ def _run(args) -> int:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         # Under torchrun each process loads its networks onto its own GPU, where generate samples.
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if args.diffusers is None:
+        for flag, value in (("--guide", args.guide), ("--prompt", args.prompt),
+                            ("--negative-prompt", args.negative_prompt), ("--cfg", args.cfg)):
+            if value is not None:
+                raise UsageError(f"{flag} is used with --diffusers PIPELINE_DIR")
+        if args.autoguidance != 1:
+            raise UsageError("--autoguidance is used with --diffusers PIPELINE_DIR (EDM networks: --guidance)")
+    else:
+        from . import _diffusers
+
+        _diffusers.refuse_edm_flags(args, UsageError)
+    args.solver = args.solver or ("heun" if args.diffusers is None else None)
     seeds, shape, interval = _check_flags(args)
     outdir = _check_outdir(args.outdir)
     try:
@@ -337,6 +359,13 @@ def _run(args) -> int:
         resolve_backend(args.backend, device)
     except ValueError as exc:
         raise UsageError(f"--backend: {exc}") from None
+    if args.diffusers is not None:
+        if args.cfg is not None:
+            _number("--cfg", args.cfg, lo=-_F32_MAX, hi=_F32_MAX)
+        _number("--autoguidance", args.autoguidance, lo=-_F32_MAX, hi=_F32_MAX)
+
+        runs, settings = _diffusers.prepare(args, device, seeds, interval, outdir, _check_settings, UsageError)
+        return _drain(args, runs, outdir, settings, seeds, _diffusers.flagify)
 
     try:
         checkout = find_checkout(args.edm2)
@@ -379,6 +408,13 @@ def _run(args) -> int:
         dtype=getattr(torch, args.dtype), backend=args.backend, guidance_interval=interval, solver=args.solver,
         cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph], overlap=not args.no_overlap,
     )
+    return _drain(args, runs, outdir, settings, seeds, _flagify)
+
+
+def _drain(args, runs, outdir, settings, seeds, flagify) -> int:
+    """Run the batches of ``runs``, recording the settings with the first; the exit status."""
+    from ..sampling.engine import NonFiniteError
+
     count = 0
     where = f" in {args.outdir}" if outdir is not None else ""
     previous = signal.getsignal(signal.SIGTERM)
@@ -396,7 +432,7 @@ def _run(args) -> int:
         if first and outdir is not None and settings is not None:
             _write_settings(outdir, settings)  # nothing left to do (all skipped), still record the settings
     except (TypeError, ValueError) as exc:
-        raise UsageError(_flagify(exc)) from None
+        raise UsageError(flagify(exc)) from None
     except NonFiniteError as exc:
         print(f"{PROG}: error: {exc}; {count} images finished{where}", file=sys.stderr)
         return 1

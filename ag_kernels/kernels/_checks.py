@@ -107,20 +107,25 @@ def _batch(t: torch.Tensor) -> int:
     return t.shape[0] if t.dim() > 0 else 1
 
 
-def _guidance(d_guide, guidance, batch, device, dtype=None):
-    """(d_guide, (scalar, vector)): guidance is ignored without d_guide, and a scalar 1 needs no d_guide."""
+def _guidance(d_guide, guidance, batch, device, dtype=None, name="guidance"):
+    """(d_guide, (scalar, vector)): guidance is ignored without d_guide, and a scalar 1 needs no d_guide.
+
+    The same rule for the CFG weight (``name="cfg_scale"``) of the unconditional output d_uncond.
+    """
     if d_guide is None:
         return None, (1.0, None)
-    g = _param("guidance", guidance, batch, device, dtype=dtype)
+    g = _param(name, guidance, batch, device, dtype=dtype)
     if g[1] is None and g[0] == 1.0:
-        return None, g  # D_w = D_1 exactly at w = 1 (lerp's end point): skip reading D_0.
+        return None, g  # w = 1 drops its term exactly (D_w = D_1 at lerp's end point): skip reading that output.
     return d_guide, g
 
 
-def _check_inputs(x_name, x, d_main, d_guide, extra=()):
+def _check_inputs(x_name, x, d_main, d_guide, extra=(), d_uncond=None):
     _check_tensor(x_name, x, X_DTYPES)
     for name, t in extra:
         _check_tensor(name, t, (x.dtype,), x, x_name)
     _check_tensor("d_main", d_main, D_DTYPES, x, x_name)
     if d_guide is not None:
         _check_tensor("d_guide", d_guide, D_DTYPES, x, x_name)
+    if d_uncond is not None:
+        _check_tensor("d_uncond", d_uncond, D_DTYPES, x, x_name)

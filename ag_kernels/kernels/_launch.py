@@ -69,18 +69,32 @@ def _in_layout(t: Optional[torch.Tensor], strides) -> Optional[torch.Tensor]:
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead=(), trail=()):
+def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead=(), trail=(), uncond=None):
     """The kernel backend ``chosen`` computes op ``name`` into ``out`` (or a new tensor), laying out operands.
 
     ``lead``: tensors the op takes right after ``out`` as they are (the multistep history, which it
     updates in place: contiguous, so the operands are laid out contiguously too); ``trail``: the
-    op's arguments after the coefficients.
+    op's arguments after the coefficients; ``uncond``: None or (d_uncond, (cfg scalar, cfg vector)),
+    the CFG arguments every op takes last.
     """
     if ref.numel() == 0:
         return out if out is not None else torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
-    per_sample = any(v is not None for _, v in params)
+    per_sample = any(v is not None for _, v in params) or (uncond is not None and uncond[1][1] is not None)
     strides = _contiguous_strides(ref.shape) if lead else _kernel_layout(ref, per_sample)
     operands = [_in_layout(t, strides) for t in tensors]
+    cfg_args = {}
+    if uncond is not None:
+        d_uncond = uncond[0]
+        if chosen == "ext" and ref.is_cuda and d_uncond.dtype != operands[-2].dtype:
+            # The CUDA kernels read d_uncond in d_main's dtype: both go to the compute dtype first, rounded
+            # as the kernels round them in registers (exactly, or once from float64).
+            operands[-2] = operands[-2].to(out_dtype)
+            d_uncond = d_uncond.to(out_dtype)
+        d_uncond = _in_layout(d_uncond, strides)
+        operands_read = operands + [d_uncond]
+        cfg_args = {"d_uncond": d_uncond, "c_vec": uncond[1][1], "c": 1.0 if uncond[1][0] is None else uncond[1][0]}
+    else:
+        operands_read = operands
     target = out
     if out is None or torch.compiler.is_compiling():
         # Under torch.compile, aliasing is left to functionalization: write a fresh tensor, then copy.
@@ -88,7 +102,7 @@ def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead=(), tra
     elif not (_dense(out) and _stride_key(out.shape, out.stride()) == _stride_key(out.shape, strides)):
         target = None
     else:
-        for t in operands:
+        for t in operands_read:
             # Reading and writing the same element is safe; a shifted or re-strided alias is not.
             if t is not None and _shares_storage(out, t) and not _same_view(out, t):
                 target = None
@@ -98,7 +112,7 @@ def _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead=(), tra
         target = torch.empty_strided(ref.shape, strides, dtype=out_dtype, device=ref.device)
 
     _kernel_op(chosen, name)(target, *lead, *operands, *[v for _, v in params],
-                             *[1.0 if s is None else s for s, _ in params], *trail)
+                             *[1.0 if s is None else s for s, _ in params], *trail, **cfg_args)
 
     if out is None:
         return target

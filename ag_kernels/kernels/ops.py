@@ -7,17 +7,26 @@ guided denoiser output of autoguidance / CFG (Karras et al. 2024, Eq. 1)::
 
 ``d_main`` is the main (conditional) network's output D_1 and ``d_guide`` the guiding
 network's output D_0 (a worse model for autoguidance, the unconditional one for CFG).
+Autoguidance and CFG together take a third output, the main network's unconditional one D_u
+(``d_uncond``), with the CFG weight w_cfg (``cfg_scale``)::
+
+    D = D_1 + (guidance - 1) (D_1 - D_0) + (cfg_scale - 1) (D_1 - D_u)
+
+(the same D_w as above when ``d_uncond`` is None).
 
 Argument rules shared by every op:
 
 * ``d_guide=None`` means no guidance: only ``d_main`` is read and ``guidance`` is ignored.
   A scalar ``guidance == 1`` gives exactly ``d_main`` as well, so ``d_guide`` is not read then.
-* ``guidance``, ``sigma``, ``sigma_next``: a Python (or NumPy) real number, or a tensor of
+  Likewise ``d_uncond=None`` (the default) means no CFG term and ``cfg_scale`` is ignored, and a
+  scalar ``cfg_scale == 1`` does not read ``d_uncond``.  Without ``d_uncond`` every op gives bitwise
+  the result it gave before ``d_uncond`` existed.
+* ``guidance``, ``cfg_scale``, ``sigma``, ``sigma_next``: a Python (or NumPy) real number, or a tensor of
   length B = ``x.shape[0]`` with one value per sample (a 0-d tensor applies to all samples).
   Scalars are checked (finite; sigma > 0; sigma_next >= 0, > 0 where it divides).  Tensor
   values are checked the same way when the tensor is on the CPU; on a GPU they are not, since
   reading them would synchronize the device.
-* ``x``: float32 or float64.  ``d_main``/``d_guide``: float16, bfloat16, float32 or float64,
+* ``x``: float32 or float64.  ``d_main``/``d_guide``/``d_uncond``: float16, bfloat16, float32 or float64,
   with ``x``'s shape and device; they are converted to ``x``'s dtype in registers.
   The result has ``x``'s dtype and shape.
 * ``out=``: write the result into this tensor (``x``'s shape, dtype and device); it may be
@@ -155,6 +164,24 @@ def _fast_numbers(lower_bounds, *values) -> bool:
     return True
 
 
+def _fast_cfg(d_uncond, d_main, cfg_scale):
+    """The kernel op's trailing CFG arguments (d_uncond, None, c) for the common call with d_uncond: a
+    plain-number weight c and d_uncond in d_main's dtype (d_uncond None where c == 1: not read); None for
+    any other call, which takes the checked path.  (Callers pass () themselves without d_uncond.)"""
+    if (type(d_uncond) is not torch.Tensor or type(d_main) is not torch.Tensor or d_uncond.dtype is not d_main.dtype
+            or not _fast_numbers((None,), cfg_scale)):
+        return None
+    c = float(cfg_scale)
+    return (None if c == 1.0 else d_uncond, None, c)
+
+
+def _outputs(d_guide, d_uncond, lead=()):
+    """The operands ``lead`` and the optional network outputs that are present, for _fast_tensors."""
+    if d_uncond is None:
+        return lead if d_guide is None else lead + (d_guide,)
+    return lead + ((d_uncond,) if d_guide is None else (d_guide, d_uncond))
+
+
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
@@ -170,16 +197,18 @@ def _needs_grad(tensors, params) -> bool:
         v is not None and v.requires_grad for _, v in params)
 
 
-def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn, lead=(), trail=()):
+def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn, lead=(), trail=(), uncond=None):
     """Run op ``name`` on the chosen backend; return ``out`` or a new tensor.
 
     ``ref``: the tensor giving shape, device and layout (x, or d_main for guided_denoise);
     ``tensors``: the op's tensor operands in kernel order (x, [x_euler], d_main, d_guide);
     ``params``: the normalized (scalar, vector) pairs of guidance[, sigma[, sigma_next]];
     ``reference_fn``: computes the result with the PyTorch reference;
-    ``lead``/``trail``: the multistep op's history and its coefficients and slots (see _run_kernel).
+    ``lead``/``trail``: the multistep op's history and its coefficients and slots (see _run_kernel);
+    ``uncond``: None, or (d_uncond, (scalar, vector) of cfg_scale) when the CFG term is read.
     """
-    grad = _needs_grad(tensors, params)
+    grad = _needs_grad(tensors if uncond is None else [*tensors, uncond[0]],
+                       params if uncond is None else [*params, uncond[1]])
     if out is not None:
         _check_tensor("out", out, (out_dtype,), ref, "the result")
         if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(out) == 1:
@@ -205,8 +234,8 @@ def _dispatch(name, ref, out_dtype, out, tensors, params, backend, reference_fn,
     if grad:
         from . import _autograd
 
-        return _autograd.apply(name, chosen, out_dtype, tensors, params, lead, trail)
-    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail)
+        return _autograd.apply(name, chosen, out_dtype, tensors, params, lead, trail, uncond)
+    return _run_kernel(name, chosen, ref, out_dtype, out, tensors, params, lead, trail, uncond)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -220,14 +249,19 @@ def guided_denoise(
     dtype: torch.dtype = torch.float32,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
-    """Guided denoiser output D_w = d_guide + guidance * (d_main - d_guide), computed in ``dtype``.
+    """Guided denoiser output D_w = d_guide + guidance * (d_main - d_guide), computed in ``dtype``;
+    with ``d_uncond``, D = D_w + (cfg_scale - 1) * (d_main - d_uncond).
 
     Args:
         d_main: the main network's output D_1 (float16/bfloat16/float32/float64).
         d_guide: the guiding network's output D_0 with d_main's shape, or None for no guidance.
         guidance: the weight w: a number, or a tensor of length d_main.shape[0] (per sample).
         dtype: float32 or float64: the dtype of the computation and of the result.
+        d_uncond: the main network's unconditional output D_u (d_main's shape), or None for no CFG.
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor); ignored without d_uncond.
         out: optional result tensor (d_main's shape, ``dtype``).
         backend: "auto", "torch", "triton" or "ext".
 
@@ -240,23 +274,29 @@ def guided_denoise(
             partly overlapping an input, ``out=`` while an operand requires grad, or a backend that is
             unknown or unavailable on the device.
     """
-    if dtype in X_DTYPES and _fast_numbers((None,), guidance) \
-            and _fast_tensors(d_main, D_DTYPES, () if d_guide is None else (d_guide,), out, dtype):
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
+            and _fast_tensors(d_main, D_DTYPES, _outputs(d_guide, d_uncond), out, dtype):
         kernels = _kernel_table(backend, d_main.device)
         if kernels is not None:
             out = torch.empty(d_main.shape, dtype=dtype, device=d_main.device) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
-            kernels["guided_denoise"](out, d_main, None if w == 1.0 else d_guide, None, w)
+            kernels["guided_denoise"](out, d_main, None if w == 1.0 else d_guide, None, w, *cfg)
             return out
     if dtype not in X_DTYPES:
         raise TypeError(f"dtype must be {_dtype_names(X_DTYPES)}, got {dtype}")
     _check_tensor("d_main", d_main, D_DTYPES)
     if d_guide is not None:
         _check_tensor("d_guide", d_guide, D_DTYPES, d_main, "d_main")
-    d_guide, g = _guidance(d_guide, guidance, _batch(d_main), d_main.device, dtype)
+    if d_uncond is not None:
+        _check_tensor("d_uncond", d_uncond, D_DTYPES, d_main, "d_main")
+    batch, device = _batch(d_main), d_main.device
+    d_guide, g = _guidance(d_guide, guidance, batch, device, dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, dtype, "cfg_scale")
     return _dispatch(
         "guided_denoise", d_main, dtype, out, [d_main, d_guide], [g], backend,
-        lambda: reference.torch_guided_denoise(d_main, d_guide, _value(g), dtype),
+        lambda: reference.torch_guided_denoise(d_main, d_guide, _value(g), dtype, **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -270,6 +310,8 @@ def euler_step(
     *,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """One Euler step of the EDM probability-flow ODE with the guided denoiser.
 
@@ -285,6 +327,9 @@ def euler_step(
         sigma_next: the next noise level t_next (>= 0; 0 on the last step of a schedule).
         out: optional result tensor (x's shape and dtype); may be ``x`` itself.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
@@ -295,23 +340,28 @@ def euler_step(
             or a non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand
             requires grad, or a backend that is unknown or unavailable on the device.
     """
-    if _fast_floats(guidance, sigma, sigma_next, False) \
-            and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_floats(guidance, sigma, sigma_next, False) and _fast_tensors(
+            x, X_DTYPES, ((d_main,) if d_guide is None else (d_main, d_guide)) if d_uncond is None
+            else _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
             kernels["euler_step"](out, x, d_main, None if w == 1.0 else d_guide, None, None, None, w, sigma,
-                                  sigma_next)
+                                  sigma_next, *cfg)
             return out
-    _check_inputs("x", x, d_main, d_guide)
+    _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
     s = _param("sigma", sigma, batch, device, lower="positive", dtype=x.dtype)
     sn = _param("sigma_next", sigma_next, batch, device, lower="nonnegative", dtype=x.dtype)
     return _dispatch(
         "euler_step", x, x.dtype, out, [x, d_main, d_guide], [g, s, sn], backend,
-        lambda: reference.torch_euler_step(x, d_main, d_guide, _value(g), _value(s), _value(sn)),
+        lambda: reference.torch_euler_step(x, d_main, d_guide, _value(g), _value(s), _value(sn),
+                                           **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -326,6 +376,8 @@ def heun_step(
     *,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """Heun's 2nd-order correction of the EDM sampler with the guided denoiser.
 
@@ -346,6 +398,9 @@ def heun_step(
         sigma_next: the noise level t_next at x_euler (> 0: it divides).
         out: optional result tensor (x_hat's shape and dtype); may be x_hat or x_euler.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at (x_euler, sigma_next), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next, as a new tensor or in ``out``.
@@ -356,24 +411,29 @@ def heun_step(
             a non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand
             requires grad, or a backend that is unknown or unavailable on the device.
     """
-    if _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
-            x_hat, X_DTYPES, (x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide), out, x_hat.dtype) \
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
+            x_hat, X_DTYPES, ((x_euler, d_main) if d_guide is None else (x_euler, d_main, d_guide)) if d_uncond is None
+            else _outputs(d_guide, d_uncond, (x_euler, d_main)), out, x_hat.dtype) \
             and x_euler.dtype is x_hat.dtype:
         kernels = _kernel_table(backend, x_hat.device)
         if kernels is not None:
             out = torch.empty_like(x_hat) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
             kernels["heun_step"](out, x_hat, x_euler, d_main, None if w == 1.0 else d_guide, None, None, None, w,
-                                 sigma, sigma_next)
+                                 sigma, sigma_next, *cfg)
             return out
-    _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)])
+    _check_inputs("x_hat", x_hat, d_main, d_guide, extra=[("x_euler", x_euler)], d_uncond=d_uncond)
     batch, device = _batch(x_hat), x_hat.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x_hat.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x_hat.dtype, "cfg_scale")
     s = _param("sigma", sigma, batch, device, lower="positive", dtype=x_hat.dtype)
     sn = _param("sigma_next", sigma_next, batch, device, lower="positive", dtype=x_hat.dtype)
     return _dispatch(
         "heun_step", x_hat, x_hat.dtype, out, [x_hat, x_euler, d_main, d_guide], [g, s, sn], backend,
-        lambda: reference.torch_heun_step(x_hat, x_euler, d_main, d_guide, _value(g), _value(s), _value(sn)),
+        lambda: reference.torch_heun_step(x_hat, x_euler, d_main, d_guide, _value(g), _value(s), _value(sn),
+                                          **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -386,6 +446,8 @@ def guided_score(
     *,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """Score of the guided model, (D_w - x) / sigma**2.
 
@@ -397,6 +459,9 @@ def guided_score(
         sigma: the noise level (> 0; number or per-sample tensor).
         out: optional result tensor (x's shape and dtype); may be ``x`` itself.
         backend: "auto", "torch", "triton" or "ext".
+        d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         The score, as a new tensor or in ``out``.
@@ -407,21 +472,25 @@ def guided_score(
             coefficient, ``out`` partly overlapping an input, ``out=`` while an operand requires grad, or a
             backend that is unknown or unavailable on the device.
     """
-    if _fast_numbers(_SCORE_BOUNDS, guidance, sigma) \
-            and _fast_tensors(x, X_DTYPES, (d_main,) if d_guide is None else (d_main, d_guide), out, x.dtype):
+    cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
+    if cfg is not None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) and _fast_tensors(
+            x, X_DTYPES, ((d_main,) if d_guide is None else (d_main, d_guide)) if d_uncond is None
+            else _outputs(d_guide, d_uncond, (d_main,)), out, x.dtype):
         kernels = _kernel_table(backend, x.device)
         if kernels is not None:
             out = torch.empty_like(x) if out is None else out
             w = 1.0 if d_guide is None else float(guidance)
-            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, sigma)
+            kernels["guided_score"](out, x, d_main, None if w == 1.0 else d_guide, None, None, w, sigma, *cfg)
             return out
-    _check_inputs("x", x, d_main, d_guide)
+    _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
     s = _param("sigma", sigma, batch, device, lower="positive", dtype=x.dtype)
     return _dispatch(
         "guided_score", x, x.dtype, out, [x, d_main, d_guide], [g, s], backend,
-        lambda: reference.torch_guided_score(x, d_main, d_guide, _value(g), _value(s)),
+        lambda: reference.torch_guided_score(x, d_main, d_guide, _value(g), _value(s), **_cfg(d_uncond, c)),
+        uncond=_uncond(d_uncond, c),
     )
 
 
@@ -440,6 +509,8 @@ def multistep_step(
     backend: str = "auto",
     corrector=None,
     corrected: Optional[torch.Tensor] = None,
+    d_uncond: Optional[torch.Tensor] = None,
+    cfg_scale=1.0,
 ) -> torch.Tensor:
     """One step of a linear multistep solver (data-prediction form) with the guided denoiser.
 
@@ -469,6 +540,9 @@ def multistep_step(
             zero-padded to the slots read: ``read`` names max(len(b), len(c)) - 1 slots.
         corrected: with ``corrector``, the tensor that receives x_c (x's shape and dtype); may be ``x``
             itself, not ``out`` or history.
+        d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
+            for no CFG term (the default).
+        cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next, as a new tensor or in ``out``.
@@ -480,7 +554,7 @@ def multistep_step(
             non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand requires
             grad, or a backend that is unknown or unavailable on the device.
     """
-    _check_inputs("x", x, d_main, d_guide)
+    _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     _check_tensor("history", history, (x.dtype,))
     if history.dim() != x.dim() + 1 or history.shape[1:] != x.shape or history.shape[0] < 1:
         raise ValueError(f"history must have shape (K, *x.shape) = (K, {', '.join(map(str, x.shape))}) with K >= 1, "
@@ -489,7 +563,7 @@ def multistep_step(
         raise ValueError(f"history is on {history.device} but x is on {x.device}; put them on one device")
     if not history.is_contiguous():
         raise ValueError("history must be contiguous (it is updated in place, one slot per earlier step)")
-    for name, t in (("x", x), ("d_main", d_main), ("d_guide", d_guide), ("out", out)):
+    for name, t in (("x", x), ("d_main", d_main), ("d_guide", d_guide), ("d_uncond", d_uncond), ("out", out)):
         if isinstance(t, torch.Tensor) and t.numel() and history.numel() and _shares_storage(t, history):
             raise ValueError(f"{name} shares memory with history; pass a separate tensor")
     slots = history.shape[0]
@@ -502,7 +576,7 @@ def multistep_step(
         a_c = _coefficient("corrector[0]", corrector[0])
         c = _coefficients("corrector[1]", corrector[1])
         terms = max(terms, len(c))
-        _check_corrected(corrected, x, history, d_main, d_guide, out)
+        _check_corrected(corrected, x, history, d_main, d_guide, out, d_uncond)
     elif corrected is not None:
         raise ValueError("corrected is given but corrector is None; pass both or neither")
     if not isinstance(read, (tuple, list)) or len(read) != terms - 1:
@@ -513,6 +587,7 @@ def multistep_step(
             raise ValueError(f"{name} must be a history slot, an int in [0, {slots}), got {k!r}")
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
+    d_uncond, cu = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
     b = b + (0.0,) * (terms - len(b))
     coefficients = (a,) + b + (0.0,) * (3 - len(b))
     slots_used = tuple(int(r) for r in read) + (-1,) * (2 - len(read)) + (-1 if write is None else int(write),)
@@ -520,32 +595,33 @@ def multistep_step(
     if corrector is None:
         def reference_fn():
             x_next, D_w = reference.torch_multistep_step(x, d_main, d_guide, _value(g), a, b,
-                                                         [history[r] for r in read])
+                                                         [history[r] for r in read], **_cfg(d_uncond, cu))
             if write is not None:
                 history[write].copy_(D_w)
             return x_next
 
         return _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
-                         lead=(history,), trail=coefficients + slots_used)
+                         lead=(history,), trail=coefficients + slots_used, uncond=_uncond(d_uncond, cu))
 
     c = c + (0.0,) * (terms - len(c))
 
     def reference_fn():
         x_next, x_c, D_w = reference.torch_unipc_step(x, d_main, d_guide, _value(g), a_c, c, a, b,
-                                                      [history[r] for r in read])
+                                                      [history[r] for r in read], **_cfg(d_uncond, cu))
         corrected.copy_(x_c)
         if write is not None:
             history[write].copy_(D_w)
         return x_next
 
-    if _needs_grad([x, d_main, d_guide], [g]):
+    if _needs_grad([x, d_main, d_guide, d_uncond], [g, cu]):
         backend = "torch"  # differentiated through the reference (the kernels have no corrector derivative)
     # The kernel writes x_c in place when `corrected` is laid out as the operands are (contiguous, or
     # x itself); otherwise into a scratch tensor copied out after.
     direct = corrected.is_contiguous() and (x.is_contiguous() or not _shares_storage(corrected, x))
     target = corrected if direct else torch.empty(x.shape, dtype=x.dtype, device=device)
     result = _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
-                       lead=(history,), trail=coefficients + slots_used + (target, a_c) + c + (0.0,) * (3 - len(c)))
+                       lead=(history,), trail=coefficients + slots_used + (target, a_c) + c + (0.0,) * (3 - len(c)),
+                       uncond=_uncond(d_uncond, cu))
     if target is not corrected and resolve_backend(backend, device) != "torch" and x.numel():
         corrected.copy_(target)
     return result
@@ -557,7 +633,7 @@ def _coefficients(name: str, values) -> Tuple[float, ...]:
     return tuple(_coefficient(f"{name}[{k}]", v) for k, v in enumerate(values))
 
 
-def _check_corrected(corrected, x, history, d_main, d_guide, out) -> None:
+def _check_corrected(corrected, x, history, d_main, d_guide, out, d_uncond=None) -> None:
     """``corrected``: x's shape, dtype and device; x itself (the same view) or apart from every operand."""
     if corrected is None:
         raise ValueError("corrector is given but corrected is None: pass the tensor that receives the corrected "
@@ -565,7 +641,8 @@ def _check_corrected(corrected, x, history, d_main, d_guide, out) -> None:
     _check_tensor("corrected", corrected, (x.dtype,), x, "x")
     if corrected.numel() and torch._debug_has_internal_overlap(corrected) == 1:
         raise ValueError("corrected has overlapping memory (an expanded tensor?); pass a tensor with distinct elements")
-    for name, t in (("history", history), ("d_main", d_main), ("d_guide", d_guide), ("out", out), ("x", x)):
+    for name, t in (("history", history), ("d_main", d_main), ("d_guide", d_guide), ("d_uncond", d_uncond),
+                    ("out", out), ("x", x)):
         if not isinstance(t, torch.Tensor) or not t.numel() or not corrected.numel():
             continue
         if name == "x" and corrected.data_ptr() == x.data_ptr() and corrected.stride() == x.stride():
@@ -588,6 +665,16 @@ def _value(param):
     """The (scalar, vector) pair as the reference takes it: the vector if any, else the number."""
     scalar, vec = param
     return scalar if vec is None else vec
+
+
+def _cfg(d_uncond, c) -> Dict[str, object]:
+    """The reference's CFG keywords: none at all without d_uncond (the two-output path, unchanged)."""
+    return {} if d_uncond is None else {"d_uncond": d_uncond, "cfg_scale": _value(c)}
+
+
+def _uncond(d_uncond, c):
+    """_dispatch's ``uncond``: (d_uncond, cfg_scale's (scalar, vector)), or None when the CFG term is absent."""
+    return None if d_uncond is None else (d_uncond, c)
 
 
 # --------------------------------------------------------------------------- prepared steps
@@ -621,10 +708,15 @@ class PreparedSteps:
         # public ops are what it traces).
         self._kernels = None if _compiling() else _kernel_table(backend, x.device)
 
-    def _direct(self, out, operands) -> bool:
-        """The kernel can run on these as they are: contiguous, out overlapping none but as the same view."""
+    def _direct(self, out, operands, d_uncond=None, d_main=None) -> bool:
+        """The kernel can run on these as they are: contiguous, out overlapping none but as the same view
+        (and d_uncond, if any, in d_main's dtype, as every kernel reads it)."""
         if self._kernels is None or not out.is_contiguous():
             return False
+        if d_uncond is not None:
+            if d_uncond.dtype is not d_main.dtype:
+                return False
+            operands = (*operands, d_uncond)
         # With autograd in play the public op differentiates, or says why out= cannot be used.
         grad = _grad_enabled()
         if grad and out.requires_grad:
@@ -634,43 +726,49 @@ class PreparedSteps:
                 return False
         return _spans_apart(out, operands)
 
-    def euler(self, x_hat, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
+    def euler(self, x_hat, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor, *,
+              d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = the Euler step from (x_hat, t_hat) to t_next; ``w``: a number or a per-sample tensor
-        (ignored when d_guide is None)."""
-        if self._direct(out, (x_hat, d_main, d_guide)):
+        (ignored when d_guide is None); ``cfg_scale`` likewise for ``d_uncond``."""
+        if self._direct(out, (x_hat, d_main, d_guide), d_uncond, d_main):
             g, g_vec = _weight(d_guide, w)
-            self._kernels["euler_step"](out, x_hat, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
+            self._kernels["euler_step"](out, x_hat, d_main, d_guide, g_vec, None, None, g, t_hat, t_next,
+                                        *_cfg_weight(d_uncond, cfg_scale))
             return out
-        return euler_step(x_hat, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
+        return euler_step(x_hat, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
+                          d_uncond=d_uncond, cfg_scale=cfg_scale)
 
-    def heun(self, x_hat, x_euler, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor) -> torch.Tensor:
+    def heun(self, x_hat, x_euler, d_main, d_guide, w, t_hat: float, t_next: float, out: torch.Tensor, *,
+             d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
         """``out`` = Heun's correction of the step from (x_hat, t_hat), networks evaluated at (x_euler, t_next)."""
-        if self._direct(out, (x_hat, x_euler, d_main, d_guide)):
+        if self._direct(out, (x_hat, x_euler, d_main, d_guide), d_uncond, d_main):
             g, g_vec = _weight(d_guide, w)
-            self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next)
+            self._kernels["heun_step"](out, x_hat, x_euler, d_main, d_guide, g_vec, None, None, g, t_hat, t_next,
+                                       *_cfg_weight(d_uncond, cfg_scale))
             return out
-        return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend)
-
+        return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
+                         d_uncond=d_uncond, cfg_scale=cfg_scale)
 
     def multistep(self, x, d_main, d_guide, w, history, step, out: torch.Tensor,
-                  corrected: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  corrected: Optional[torch.Tensor] = None, *, d_uncond: Optional[torch.Tensor] = None,
+                  cfg_scale=1.0) -> torch.Tensor:
         """``out`` = the multistep update ``step`` (a, b, read, write and an optional corrector whose
-        x_c goes to ``corrected``: see :func:`multistep_step`) from x."""
+        x_c goes to ``corrected``: see :func:`multistep_step`) from x; ``cfg_scale`` weighs ``d_uncond``."""
         kernel = None if self._kernels is None else self._kernels.get("multistep_step")
         ms = step.corrector
-        if kernel is not None and self._direct(out, (x, d_main, d_guide)) and (
-                ms is None or corrected is x and self._direct(corrected, (d_main, d_guide, out))):
+        if kernel is not None and self._direct(out, (x, d_main, d_guide), d_uncond, d_main) and (
+                ms is None or corrected is x and self._direct(corrected, (d_main, d_guide, out), d_uncond, d_main)):
             g, g_vec = _weight(d_guide, w)
             b = step.b + (0.0,) * (3 - len(step.b))
             read = step.read + (-1,) * (2 - len(step.read))
-            if ms is None:
-                kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write)
-            else:
-                c = ms[1] + (0.0,) * (3 - len(ms[1]))
-                kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write, corrected, ms[0], *c)
+            ac, c = (0.0, ()) if ms is None else ms
+            kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write,
+                   None if ms is None else corrected, ac, *(c + (0.0,) * (3 - len(c))),
+                   *_cfg_weight(d_uncond, cfg_scale))
             return out
         return multistep_step(x, d_main, d_guide, w, history, step.a, step.b, read=step.read, write=step.write,
-                              out=out, backend=self.backend, corrector=ms, corrected=corrected)
+                              out=out, backend=self.backend, corrector=ms, corrected=corrected,
+                              d_uncond=d_uncond, cfg_scale=cfg_scale)
 
 
 def _weight(d_guide, w):
@@ -680,3 +778,11 @@ def _weight(d_guide, w):
     if isinstance(w, torch.Tensor):
         return 1.0, w
     return float(w), None
+
+
+def _cfg_weight(d_uncond, cfg_scale):
+    """The kernel ops' trailing CFG arguments (d_uncond, c_vec, c) of a checked weight; () without d_uncond."""
+    if d_uncond is None:
+        return ()
+    c, c_vec = _weight(d_uncond, cfg_scale)
+    return d_uncond, c_vec, c

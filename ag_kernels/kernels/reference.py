@@ -3,11 +3,15 @@
 Written in the notation of the EDM sampler (Karras et al. 2022, Algorithm 2) with
 autoguidance (Karras et al. 2024, Eq. 1): ``D_w = D_0 + w (D_1 - D_0)``, where ``D_1`` is
 the main network's output (``d_main``) and ``D_0`` the guiding network's (``d_guide``).
+Autoguidance and classifier-free guidance together (three network outputs) add the CFG term of
+the unconditional output ``D_u`` (``d_uncond``) with weight ``w_cfg`` (``cfg_scale``)::
+
+    D = D_1 + (w - 1) (D_1 - D_0) + (w_cfg - 1) (D_1 - D_u) = D_w + (w_cfg - 1) (D_1 - D_u)
 
 Every function here evaluates the formula in the dtype of ``x`` (``dtype`` for
 ``torch_guided_denoise``), after casting the network outputs to it, exactly as the reference
-sampler does.  ``guidance``, ``t_cur`` and ``t_next`` are Python floats or 1-D tensors with
-one value per sample (dimension 0 of ``x``).  No argument checking happens here: the public
+sampler does.  ``guidance``, ``cfg_scale``, ``t_cur`` and ``t_next`` are Python floats or 1-D
+tensors with one value per sample (dimension 0 of ``x``).  No argument checking happens here: the public
 API in :mod:`ag_kernels.kernels.ops` validates before it calls a backend.
 """
 
@@ -39,24 +43,35 @@ def per_sample(value, like: torch.Tensor):
     return value
 
 
-def torch_guided_denoise(d_main, d_guide, guidance, dtype=torch.float32):
-    """D_w = D_0 + w (D_1 - D_0), computed with ``torch.lerp`` in ``dtype``."""
+def torch_guided_denoise(d_main, d_guide, guidance, dtype=torch.float32, *, d_uncond=None, cfg_scale=1.0):
+    """D_w = D_0 + w (D_1 - D_0), computed with ``torch.lerp`` in ``dtype``; with ``d_uncond``
+    (D_u), plus the CFG term: D = D_w + (w_cfg - 1) (D_1 - D_u), w_cfg = ``cfg_scale``."""
     D_1 = d_main.to(dtype)
     if d_guide is None:
-        return D_1.clone() if D_1 is d_main else D_1
-    D_0 = d_guide.to(dtype)
-    return D_0.lerp(D_1, per_sample(guidance, D_1))
+        D_w = D_1.clone() if D_1 is d_main else D_1
+    else:
+        D_0 = d_guide.to(dtype)
+        D_w = D_0.lerp(D_1, per_sample(guidance, D_1))
+    if d_uncond is None:
+        return D_w
+    D_u = d_uncond.to(dtype)
+    # w_cfg - 1 is formed in float64 and rounded once to ``dtype``, as every kernel forms it.
+    if isinstance(cfg_scale, torch.Tensor):
+        cfg_minus_1 = per_sample(cfg_scale.to(torch.float64) - 1, D_1)
+    else:
+        cfg_minus_1 = cfg_scale - 1
+    return D_w + cfg_minus_1 * (D_1 - D_u)
 
 
-def torch_euler_step(x_hat, d_main, d_guide, guidance, t_cur, t_next):
+def torch_euler_step(x_hat, d_main, d_guide, guidance, t_cur, t_next, *, d_uncond=None, cfg_scale=1.0):
     """Euler step of the probability-flow ODE: x_hat + (t_next - t_cur) d_cur, d_cur = (x_hat - D_w) / t_cur."""
-    D_w = torch_guided_denoise(d_main, d_guide, guidance, x_hat.dtype)
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x_hat.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
     t_cur, t_next = per_sample(t_cur, x_hat), per_sample(t_next, x_hat)
     d_cur = (x_hat - D_w) / t_cur
     return x_hat + (t_next - t_cur) * d_cur
 
 
-def torch_heun_step(x_hat, x_euler, d_main, d_guide, guidance, t_cur, t_next):
+def torch_heun_step(x_hat, x_euler, d_main, d_guide, guidance, t_cur, t_next, *, d_uncond=None, cfg_scale=1.0):
     """Heun's 2nd-order correction, with D_w evaluated at (x_euler, t_next).
 
     x_next = x_hat + (t_next - t_cur) (d_cur + d_prime) / 2 with d_prime = (x_euler - D_w) / t_next.
@@ -64,24 +79,24 @@ def torch_heun_step(x_hat, x_euler, d_main, d_guide, guidance, t_cur, t_next):
     x_euler - x_hat; using it directly instead of recovering d_cur avoids dividing by the step
     t_next - t_cur, which is small at the end of the schedule.
     """
-    D_w = torch_guided_denoise(d_main, d_guide, guidance, x_hat.dtype)
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x_hat.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
     t_cur, t_next = per_sample(t_cur, x_hat), per_sample(t_next, x_hat)
     d_prime = (x_euler - D_w) / t_next
     return x_hat + 0.5 * (x_euler - x_hat) + 0.5 * (t_next - t_cur) * d_prime
 
 
-def torch_guided_score(x, d_main, d_guide, guidance, sigma):
+def torch_guided_score(x, d_main, d_guide, guidance, sigma, *, d_uncond=None, cfg_scale=1.0):
     """Score of the guided model: (D_w - x) / sigma^2."""
-    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype)
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
     sigma = per_sample(sigma, x)
     return (D_w - x) / (sigma * sigma)
 
 
-def torch_multistep_step(x, d_main, d_guide, guidance, a, b, previous):
+def torch_multistep_step(x, d_main, d_guide, guidance, a, b, previous, *, d_uncond=None, cfg_scale=1.0):
     """A linear multistep update in data-prediction form: (x_next, D_w) with
     x_next = a x + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2} (``previous`` = [D_{i-1}, D_{i-2}][:len(b) - 1]),
     summed left to right, as every backend does; DPM-Solver++ (Lu et al. 2022) is of this form."""
-    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype)
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
     return _linear_update(a, x, b, D_w, previous), D_w
 
 
@@ -93,11 +108,12 @@ def _linear_update(a, x, b, D_w, previous):
     return x_next
 
 
-def torch_unipc_step(x, d_main, d_guide, guidance, a_c, c, a, b, previous):
+def torch_unipc_step(x, d_main, d_guide, guidance, a_c, c, a, b, previous, *, d_uncond=None, cfg_scale=1.0):
     """A multistep update preceded by a corrector (UniPC, Zhao et al. 2023): (x_next, x_c, D_w) with
     x_c = a_c x + c_0 D_w + c_1 D_{i-1} + c_2 D_{i-2} (x: the previous corrected sample) and
-    x_next = a x_c + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2}, each summed left to right."""
-    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype)
+    x_next = a x_c + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2}, each summed left to right (D_w with the CFG
+    term when ``d_uncond`` is given, as in :func:`torch_guided_denoise`)."""
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
     x_c = _linear_update(a_c, x, c, D_w, previous)
     return _linear_update(a, x_c, b, D_w, previous), x_c, D_w
 

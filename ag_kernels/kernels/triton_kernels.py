@@ -53,7 +53,8 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _guided(dm_ptr, dg_ptr, offs, mask, w, dtype, HAS_GUIDE: tl.constexpr):
+    def _guided(dm_ptr, dg_ptr, du_ptr, offs, mask, w, cfg, dtype, HAS_GUIDE: tl.constexpr,
+                HAS_UNCOND: tl.constexpr):
         # D_w = D_0 + w (D_1 - D_0), evaluated as torch.lerp does (two-sided), so that w = 1 gives
         # D_1 exactly (no guidance, Karras et al. 2024 Eq. 1) and both ends stay accurate.
         D_1 = tl.load(dm_ptr + offs, mask=mask).to(dtype)
@@ -65,6 +66,10 @@ if triton is not None:
             D_w = tl.where(w < 0.5, lo, hi)
         else:
             D_w = D_1
+        if HAS_UNCOND:
+            # CFG's third output on top: D_w + (w_cfg - 1) (D_1 - D_u), w_cfg - 1 formed in float64.
+            D_u = tl.load(du_ptr + offs, mask=mask).to(dtype)
+            D_w = D_w + (cfg - 1.0).to(dtype) * (D_1 - D_u)
         return D_w
 
     @triton.jit
@@ -79,8 +84,10 @@ if triton is not None:
         a_val: tl.float64, b0_val: tl.float64, b1_val: tl.float64, b2_val: tl.float64,
         read1, read2, write, n_elements, row_numel,
         xc_ptr, ac_val: tl.float64, c0_val: tl.float64, c1_val: tl.float64, c2_val: tl.float64,
+        du_ptr, c_ptr, c_stride, c_val: tl.float64,
         HAS_GUIDE: tl.constexpr, G_VEC: tl.constexpr, READ1: tl.constexpr, READ2: tl.constexpr,
-        WRITE: tl.constexpr, CORRECT: tl.constexpr, BLOCK: tl.constexpr,
+        WRITE: tl.constexpr, CORRECT: tl.constexpr, BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr,
+        C_VEC: tl.constexpr,
     ):
         # A linear multistep update (DPM-Solver++, Lu et al. 2022): x_next = a x + b0 D_w + b1 H[read1]
         # + b2 H[read2], summed in that order as the torch reference; then H[write] = D_w.  64-bit offsets.
@@ -93,7 +100,10 @@ if triton is not None:
         w = tl.full((), g_val, tl.float64)
         if G_VEC:
             w = _load_coefficient(g_ptr, g_stride, offs // row_numel, mask, True)
-        D_w = _guided(dm_ptr, dg_ptr, offs, mask, w, dtype, HAS_GUIDE)
+        cfg = tl.full((), c_val, tl.float64)
+        if C_VEC:
+            cfg = _load_coefficient(c_ptr, c_stride, offs // row_numel, mask, True)
+        D_w = _guided(dm_ptr, dg_ptr, du_ptr, offs, mask, w, cfg, dtype, HAS_GUIDE, HAS_UNCOND)
         x = tl.load(x_ptr + offs, mask=mask)
         # Both slots are read before D_w is written: the write slot may be a read one.
         if READ1:
@@ -123,9 +133,10 @@ if triton is not None:
         g_ptr, g_stride, s_ptr, s_stride, sn_ptr, sn_stride,
         g_val: tl.float64, s_val: tl.float64, sn_val: tl.float64,
         n_elements, row_numel, blocks_per_row,
+        du_ptr, c_ptr, c_stride, c_val: tl.float64,
         OP: tl.constexpr, HAS_GUIDE: tl.constexpr, ROWS: tl.constexpr,
         G_VEC: tl.constexpr, S_VEC: tl.constexpr, SN_VEC: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr, C_VEC: tl.constexpr,
     ):
         # 64-bit offsets throughout: tensors of more than 2**31 elements are expected.
         pid = tl.program_id(0).to(tl.int64)
@@ -156,8 +167,11 @@ if triton is not None:
         sn = tl.full((), sn_val, tl.float64)
         if SN_VEC:
             sn = _load_coefficient(sn_ptr, sn_stride, row, mask, ROWS == 2)
+        cfg = tl.full((), c_val, tl.float64)
+        if C_VEC:
+            cfg = _load_coefficient(c_ptr, c_stride, row, mask, ROWS == 2)
 
-        D_w = _guided(dm_ptr, dg_ptr, offs, mask, w, dtype, HAS_GUIDE)
+        D_w = _guided(dm_ptr, dg_ptr, du_ptr, offs, mask, w, cfg, dtype, HAS_GUIDE, HAS_UNCOND)
 
         if OP == 0:
             result = D_w
@@ -203,13 +217,15 @@ def _device_guard(out):
     return torch.cuda.device(out.device) if other_device else contextlib.nullcontext()
 
 
-def _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, block):
+def _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, block, *,
+                 d_uncond=None, c_vec=None, c=1.0):
     """(grid, args, constexprs) of the ``_guided_step_kernel`` launch writing ``out`` with blocks of ``block``.
 
     The launch and the offline compile table (:func:`compile_table`) both build their arguments here,
-    so the table compiles exactly the specializations the launcher produces.
+    so the table compiles exactly the specializations the launcher produces.  ``d_uncond``, ``c_vec``,
+    ``c``: CFG's third output and its weight (per sample, or a number), absent by default.
     """
-    any_vec = g_vec is not None or s_vec is not None or sn_vec is not None
+    any_vec = g_vec is not None or s_vec is not None or sn_vec is not None or c_vec is not None
     n = out.numel()
     rows = out.shape[0] if (any_vec and out.dim() > 0) else 1
     row_numel = n // rows
@@ -238,28 +254,38 @@ def _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, 
         sn_vec if sn_vec is not None else dummy, sn_vec.stride(0) if sn_vec is not None else 0,
         float(g), float(s), float(sn),
         n, row_numel, blocks_per_row,
+        *_cfg_args(d_uncond, c_vec, c, dummy),
     )
     constexprs = dict(
         OP=op, HAS_GUIDE=d_guide is not None, ROWS=mode,
         G_VEC=g_vec is not None, S_VEC=s_vec is not None, SN_VEC=sn_vec is not None, BLOCK=block,
+        HAS_UNCOND=d_uncond is not None, C_VEC=c_vec is not None,
     )
     return grid, args, constexprs
 
 
+def _cfg_args(d_uncond, c_vec, c, dummy):
+    """The kernels' (du_ptr, c_ptr, c_stride, c_val) arguments; absent tensors get a valid dummy."""
+    return (d_uncond if d_uncond is not None else dummy, c_vec if c_vec is not None else dummy,
+            c_vec.stride(0) if c_vec is not None else 0, float(c))
+
+
 def _multistep_launch(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block,
-                      corrected=None, ac=0.0, c0=0.0, c1=0.0, c2=0.0):
+                      corrected=None, ac=0.0, c0=0.0, c1=0.0, c2=0.0, *, d_uncond=None, c_vec=None, c=1.0):
     """(grid, args, constexprs) of the ``_multistep_kernel`` launch writing ``out`` (see :func:`_step_launch`)."""
     n = out.numel()
-    rows = out.shape[0] if (g_vec is not None and out.dim() > 0) else 1
+    rows = out.shape[0] if ((g_vec is not None or c_vec is not None) and out.dim() > 0) else 1
     args = (
         out, history, x, d_main, d_guide if d_guide is not None else out,
         g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
         float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
         corrected if corrected is not None else out, float(ac), float(c0), float(c1), float(c2),
+        *_cfg_args(d_uncond, c_vec, c, out),
     )
     constexprs = dict(
         HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
-        WRITE=write >= 0, CORRECT=corrected is not None, BLOCK=block,
+        WRITE=write >= 0, CORRECT=corrected is not None, BLOCK=block, HAS_UNCOND=d_uncond is not None,
+        C_VEC=c_vec is not None,
     )
     return (triton.cdiv(n, block),), args, constexprs
 
@@ -275,11 +301,12 @@ def _run(kernel, out, launch):
         runner[grid](*args, **constexprs, num_warps=num_warps)
 
 
-def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn):
+def _launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, d_uncond, c_vec, c):
     if out.numel() == 0:
         return
     _run(_guided_step_kernel, out,
-         lambda block: _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, block))
+         lambda block: _step_launch(op, out, x, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, block,
+                                    d_uncond=d_uncond, c_vec=c_vec, c=c))
 
 
 def _register(name, fn, mutates=("out",)):
@@ -293,45 +320,53 @@ def _register(name, fn, mutates=("out",)):
     return op
 
 
+# Every op ends with CFG's third output (as the extension's schemas): d_uncond (None: no CFG term) and its
+# weight, per sample (c_vec) or a number (c); D_w below then includes + (w_cfg - 1) (D_1 - D_u).
+
+
 def triton_guided_denoise(
     out: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
     g_vec: Optional[torch.Tensor], g: float,
+    d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
 ) -> None:
     """out = D_w (guided denoiser output)."""
-    _launch(OP_DENOISE, out, None, None, d_main, d_guide, g_vec, None, None, g, 1.0, 1.0)
+    _launch(OP_DENOISE, out, None, None, d_main, d_guide, g_vec, None, None, g, 1.0, 1.0, d_uncond, c_vec, c)
 
 
 def triton_euler_step(
     out: torch.Tensor, x_hat: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
     g_vec: Optional[torch.Tensor], s_vec: Optional[torch.Tensor], sn_vec: Optional[torch.Tensor],
     g: float, s: float, sn: float,
+    d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
 ) -> None:
     """out = x_hat + (sn - s) (x_hat - D_w) / s."""
-    _launch(OP_EULER, out, x_hat, None, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn)
+    _launch(OP_EULER, out, x_hat, None, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, d_uncond, c_vec, c)
 
 
 def triton_heun_step(
     out: torch.Tensor, x_hat: torch.Tensor, x_euler: torch.Tensor, d_main: torch.Tensor,
     d_guide: Optional[torch.Tensor], g_vec: Optional[torch.Tensor], s_vec: Optional[torch.Tensor],
     sn_vec: Optional[torch.Tensor], g: float, s: float, sn: float,
+    d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
 ) -> None:
     """out = x_hat + (sn - s) (d_cur + d_prime) / 2, D_w evaluated at (x_euler, sn)."""
-    _launch(OP_HEUN, out, x_hat, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn)
+    _launch(OP_HEUN, out, x_hat, x_euler, d_main, d_guide, g_vec, s_vec, sn_vec, g, s, sn, d_uncond, c_vec, c)
 
 
 def triton_guided_score(
     out: torch.Tensor, x: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
     g_vec: Optional[torch.Tensor], s_vec: Optional[torch.Tensor], g: float, s: float,
+    d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
 ) -> None:
     """out = (D_w - x) / s^2."""
-    _launch(OP_SCORE, out, x, None, d_main, d_guide, g_vec, s_vec, None, g, s, 1.0)
+    _launch(OP_SCORE, out, x, None, d_main, d_guide, g_vec, s_vec, None, g, s, 1.0, d_uncond, c_vec, c)
 
 
 def triton_multistep_step(
     out: torch.Tensor, history: torch.Tensor, x: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
     g_vec: Optional[torch.Tensor], g: float, a: float, b0: float, b1: float, b2: float, read1: int, read2: int,
     write: int, corrected: Optional[torch.Tensor] = None, ac: float = 0.0, c0: float = 0.0, c1: float = 0.0,
-    c2: float = 0.0,
+    c2: float = 0.0, d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
 ) -> None:
     """out = a x + b0 D_w + b1 history[read1] + b2 history[read2]; history[write] = D_w (slot -1: none).
 
@@ -339,15 +374,15 @@ def triton_multistep_step(
     + c2 history[read2], which is also written into ``corrected`` (x itself, or a separate tensor)."""
     _check_history(out, history, read1, read2, write)
     if corrected is not None:
-        _check_corrected(out, history, x, d_main, d_guide, corrected)
+        _check_corrected(out, history, x, d_main, d_guide, corrected, d_uncond)
     if out.numel() == 0:
         return
     _run(_multistep_kernel, out, lambda block: _multistep_launch(
         out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block,
-        corrected, ac, c0, c1 if read1 >= 0 else 0.0, c2 if read2 >= 0 else 0.0))
+        corrected, ac, c0, c1 if read1 >= 0 else 0.0, c2 if read2 >= 0 else 0.0, d_uncond=d_uncond, c_vec=c_vec, c=c))
 
 
-def _check_corrected(out, history, x, d_main, d_guide, corrected):
+def _check_corrected(out, history, x, d_main, d_guide, corrected, d_uncond=None):
     """The extension op's checks of ``corrected`` (csrc/step_args.cpp): the same errors and messages."""
     op = "ag_kernels_triton::multistep_step"
     if corrected.dtype != out.dtype:
@@ -356,7 +391,7 @@ def _check_corrected(out, history, x, d_main, d_guide, corrected):
         raise RuntimeError(f"{op}: corrected must be contiguous with out's shape {tuple(out.shape)} on {out.device}")
     if not corrected.numel() or torch.compiler.is_compiling():
         return
-    for t in (out, history, x, d_main, d_guide):
+    for t in (out, history, x, d_main, d_guide, d_uncond):
         if t is None or (t is x and corrected.data_ptr() == x.data_ptr()):
             continue
         if _overlaps(corrected, t):

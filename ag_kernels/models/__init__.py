@@ -1,7 +1,8 @@
 """Models wing: network architectures, our checkpoint format with its safe loader, the EDM2 adapter.
 
 ``nets`` (the architecture registry and :class:`TinyDenoiser`) <- ``checkpoint``
-(:func:`save_net`, :func:`load_net`) <- ``edm2`` (EDM2 snapshots, presets, checkouts).  It imports
+(:func:`save_net`, :func:`load_net`) <- ``edm2`` (EDM2 snapshots, presets, checkouts);
+``diffusers_models`` (diffusers networks as EDM denoisers; imports diffusers only when used).  It imports
 no other wing.
 """
 

@@ -3,14 +3,16 @@
 ``engine`` (:class:`GuidedSampler`: the run, eager or from a CUDA graph) with its parts
 ``_settings`` (checked arguments, guidance weights), ``_plan`` (the schedule of a run) and
 ``_graphs`` (static buffers, capture, replay, the graph cache); ``sampler`` (the drop-in
-``edm_sampler``); ``seeds`` (per-seed noise); ``generation`` (many seeds to images, torchrun).
+``edm_sampler``); ``seeds`` (per-seed noise); ``generation`` (many seeds to images, torchrun); ``pipelines``
+(:class:`AutoguidedPipeline`: diffusers pipelines with a guide network; imports diffusers only when used).
 It imports the kernels wing and nothing above it.
 """
 
 from .engine import GuidedSampler, NonFiniteError
 from .generation import GeneratedBatch, generate
+from .pipelines import AutoguidedPipeline
 from .sampler import SOLVERS, edm_sampler, karras_schedule
 from .seeds import SeedNoise, parse_seeds
 
 __all__ = ["GuidedSampler", "NonFiniteError", "edm_sampler", "karras_schedule", "SOLVERS", "generate",
-           "GeneratedBatch", "SeedNoise", "parse_seeds"]
+           "GeneratedBatch", "SeedNoise", "parse_seeds", "AutoguidedPipeline"]

@@ -259,12 +259,24 @@ def generate(
     noise_shape, label_dim, class_idx = _sample_spec(net, noise_shape, class_idx)
     device, rank, world = _place(net, device)
     engine, user_randn_like = _engine(net, gnet, sampler_kwargs)
+
+    def sample(rng, noise, labels):
+        samples = engine(noise, labels, randn_like=user_randn_like or rng.randn_like)
+        return samples, _images(samples, encoder)
+
+    yield from _batches(sample, seeds, batch_size, rank, world, batch_split, progress, outdir, subdirs, skip_existing,
+                        device, noise_shape, label_dim, class_idx)
+
+
+def _batches(sample, seeds, batch_size, rank, world, batch_split, progress, outdir, subdirs, skip_existing, device,
+             noise_shape, label_dim, class_idx) -> Iterator[GeneratedBatch]:
+    """This rank's batches: per-seed noise, ``sample(rng, noise, labels) -> (samples, uint8 images or None)``,
+    PNGs; a batch whose PNGs all exist is skipped under skip_existing."""
     for batch_seeds in _my_batches(seeds, batch_size, rank, world, batch_split, progress):
         if skip_existing and all(os.path.exists(_png_path(os.fspath(outdir), seed, subdirs)) for seed in batch_seeds):
             continue  # finished by an earlier run
         rng, noise, labels = _draw(batch_seeds, device, noise_shape, label_dim, class_idx)
-        samples = engine(noise, labels, randn_like=user_randn_like or rng.randn_like)
-        images = _images(samples, encoder)
+        samples, images = sample(rng, noise, labels)
         paths: List[str] = []
         if outdir is not None:
             if images is None:

@@ -165,10 +165,11 @@ C10_ALWAYS_INLINE const T* as_compute(const void* base, DType type, int64_t i, i
 // constants.  A plain loop over T that the compiler vectorizes (omp simd) for the caller's ISA:
 // at::vec::Vectorized without a CPU_CAPABILITY build is ATen's generic fallback, which the
 // benchmark showed compute-bound.
-template <Isa ISA, int OP, bool HAS_GUIDE, typename T>
+template <Isa ISA, int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T>
 C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end) {
   alignas(64) T buf1[kChunk];
   alignas(64) T buf0[kChunk];
+  alignas(64) T bufu[HAS_UNCOND ? kChunk : 1];
   T* out = static_cast<T*>(a.out);
   // Multistep: the history slots it reads (or a zero chunk with a zero coefficient) and the one it writes.
   alignas(64) T zeros[kChunk] = {};
@@ -183,6 +184,8 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
       const int64_t n = std::min(kChunk, row_end - i);
       const T* D_1 = as_compute<ISA, T>(a.d_main, a.d_main_type, i, n, buf1);
       const T* D_0 = HAS_GUIDE ? as_compute<ISA, T>(a.d_guide, a.d_guide_type, i, n, buf0) : nullptr;
+      const T* D_u = nullptr;
+      if constexpr (HAS_UNCOND) D_u = as_compute<ISA, T>(a.d_uncond, a.d_uncond_type, i, n, bufu);
       const T* x = OP != kDenoise ? static_cast<const T*>(a.x) + i : nullptr;
       const T* x_euler = OP == kHeun ? static_cast<const T*>(a.x_euler) + i : nullptr;
       T* o = out + i;
@@ -196,7 +199,8 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
           T* xc = static_cast<T*>(a.ms.corrected) + i;
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
-            const T D_w = guided_value<HAS_GUIDE>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0));
+            const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0),
+                                                              HAS_UNCOND ? D_u[j] : T(0));
             const T h1j = h1[j], h2j = h2[j];
             const T x_c = corrector_value(m, x[j], D_w, h1j, h2j);
             xc[j] = x_c;
@@ -206,14 +210,16 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
         } else if (hw != nullptr) {
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
-            const T D_w = guided_value<HAS_GUIDE>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0));
+            const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0),
+                                                              HAS_UNCOND ? D_u[j] : T(0));
             o[j] = multistep_value(m, x[j], D_w, h1[j], h2[j]);
             hw[j] = D_w;
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
-            const T D_w = guided_value<HAS_GUIDE>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0));
+            const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0),
+                                                              HAS_UNCOND ? D_u[j] : T(0));
             o[j] = multistep_value(m, x[j], D_w, h1[j], h2[j]);
           }
         }
@@ -224,7 +230,8 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
         const T sx = OP != kDenoise ? x[j] : T(0);
         const T sxe = OP == kHeun ? x_euler[j] : T(0);
         const T s0 = HAS_GUIDE ? D_0[j] : T(0);
-        o[j] = step_value<OP, HAS_GUIDE>(r, sx, sxe, D_1[j], s0);
+        const T su = HAS_UNCOND ? D_u[j] : T(0);
+        o[j] = step_value<OP, HAS_GUIDE, HAS_UNCOND>(r, sx, sxe, D_1[j], s0, su);
       }
     }
     row_begin = row_end;
@@ -232,20 +239,20 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
 }
 
 // One entry function per variant: only the target attribute differs.
-template <int OP, bool HAS_GUIDE, typename T>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T>
 void step_range_default(const StepArgs& a, int64_t begin, int64_t end) {
-  step_range<Isa::kDefault, OP, HAS_GUIDE, T>(a, begin, end);
+  step_range<Isa::kDefault, OP, HAS_GUIDE, HAS_UNCOND, T>(a, begin, end);
 }
 
 #if AG_KERNELS_X86_DISPATCH
-template <int OP, bool HAS_GUIDE, typename T>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T>
 AG_KERNELS_TARGET_AVX2 void step_range_avx2(const StepArgs& a, int64_t begin, int64_t end) {
-  step_range<Isa::kAvx2, OP, HAS_GUIDE, T>(a, begin, end);
+  step_range<Isa::kAvx2, OP, HAS_GUIDE, HAS_UNCOND, T>(a, begin, end);
 }
 
-template <int OP, bool HAS_GUIDE, typename T>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T>
 AG_KERNELS_TARGET_AVX512 void step_range_avx512(const StepArgs& a, int64_t begin, int64_t end) {
-  step_range<Isa::kAvx512, OP, HAS_GUIDE, T>(a, begin, end);
+  step_range<Isa::kAvx512, OP, HAS_GUIDE, HAS_UNCOND, T>(a, begin, end);
 }
 #endif
 
@@ -318,21 +325,21 @@ constexpr int64_t size_of(DType t) {
   return t == DType::kHalf || t == DType::kBFloat16 ? 2 : t == DType::kFloat ? 4 : 8;
 }
 
-template <int OP, bool HAS_GUIDE, typename T>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T>
 void run_typed(const StepArgs& a) {
   using RangeFn = void (*)(const StepArgs&, int64_t, int64_t);
-  RangeFn fn = &step_range_default<OP, HAS_GUIDE, T>;
+  RangeFn fn = &step_range_default<OP, HAS_GUIDE, HAS_UNCOND, T>;
 #if AG_KERNELS_X86_DISPATCH
   switch (static_cast<Isa>(g_isa.load(std::memory_order_relaxed))) {
-    case Isa::kAvx512: fn = &step_range_avx512<OP, HAS_GUIDE, T>; break;
-    case Isa::kAvx2: fn = &step_range_avx2<OP, HAS_GUIDE, T>; break;
+    case Isa::kAvx512: fn = &step_range_avx512<OP, HAS_GUIDE, HAS_UNCOND, T>; break;
+    case Isa::kAvx2: fn = &step_range_avx2<OP, HAS_GUIDE, HAS_UNCOND, T>; break;
     default: break;
   }
 #endif
   // The grain in elements from the bytes each element moves: out, x, x_euler and the network outputs.
   const int64_t t_streams = 1 + (OP != kDenoise ? 1 : 0) + (OP == kHeun ? 1 : 0) + (OP == kMultistep ? 3 : 0);
   const int64_t bytes = t_streams * static_cast<int64_t>(sizeof(T)) + size_of(a.d_main_type) +
-                        (HAS_GUIDE ? size_of(a.d_guide_type) : 0);
+                        (HAS_GUIDE ? size_of(a.d_guide_type) : 0) + (HAS_UNCOND ? size_of(a.d_uncond_type) : 0);
   const int64_t grain = std::max<int64_t>(kChunk, kGrainBytes / bytes);
   if (a.numel <= grain) {
     fn(a, 0, a.numel);  // no parallel region at all: its setup alone costs about a microsecond
@@ -341,15 +348,25 @@ void run_typed(const StepArgs& a) {
   at::parallel_for(0, a.numel, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
+// The instantiation for the network outputs present: d_main, and d_guide and/or d_uncond or neither.
+template <int OP, typename T>
+void run_outputs(const StepArgs& a) {
+  const bool guided = a.d_guide != nullptr;
+  if (a.d_uncond == nullptr) {
+    guided ? run_typed<OP, true, false, T>(a) : run_typed<OP, false, false, T>(a);
+  } else {
+    guided ? run_typed<OP, true, true, T>(a) : run_typed<OP, false, true, T>(a);
+  }
+}
+
 struct Cpu {
   template <int OP>
   static void run(const StepArgs& a) {
     if (a.numel == 0) return;
-    const bool guided = a.d_guide != nullptr;
     if (a.x_type == at::kDouble) {
-      guided ? run_typed<OP, true, double>(a) : run_typed<OP, false, double>(a);
+      run_outputs<OP, double>(a);
     } else {
-      guided ? run_typed<OP, true, float>(a) : run_typed<OP, false, float>(a);
+      run_outputs<OP, float>(a);
     }
   }
 };

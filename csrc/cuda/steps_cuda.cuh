@@ -4,9 +4,10 @@
 // Layout: this header holds the templates; each op's <op>_cuda.cu instantiates them for that op only
 // (cuda_step<OP> below), so ninja compiles the ops in parallel; register_cuda.cu registers the ops.
 //
-// One kernel template covers every op and dtype combination: OP and HAS_GUIDE pick the math
-// (step_math.h, shared with the CPU), T is x's dtype, DM/DG the network outputs' dtypes, which
-// are converted in registers.  Offsets are 64-bit.  The launch allocates nothing and never
+// One kernel template covers every op and dtype combination: OP, HAS_GUIDE and HAS_UNCOND pick the
+// math (step_math.h, shared with the CPU), T is x's dtype, DM/DG the network outputs' dtypes, which
+// are converted in registers; CFG's third output d_uncond has d_main's dtype DM (the public API
+// converts both to T when they differ, which rounds as the conversion in registers would).  Offsets are 64-bit.  The launch allocates nothing and never
 // synchronizes, so the ops can be captured in a CUDA graph.
 #pragma once
 
@@ -66,18 +67,19 @@ constexpr int pack_size() {
   return static_cast<int>(16 / std::min({sizeof(T), sizeof(DM), sizeof(DG)}));
 }
 
-template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T, typename DM, typename DG>
 __device__ __forceinline__ void step_element(const StepArgs& a, const RowConstants<T>& r, int64_t i) {
   const T x = OP != kDenoise ? static_cast<const T*>(a.x)[i] : T(0);
   const T x_euler = OP == kHeun ? static_cast<const T*>(a.x_euler)[i] : T(0);
   const T D_1 = to_compute<T>(static_cast<const DM*>(a.d_main)[i]);
   const T D_0 = HAS_GUIDE ? to_compute<T>(static_cast<const DG*>(a.d_guide)[i]) : T(0);
+  const T D_u = HAS_UNCOND ? to_compute<T>(static_cast<const DM*>(a.d_uncond)[i]) : T(0);
   if constexpr (OP == kMultistep) {
     // Both history slots are read before D_w is written: the write slot may be a read one.
     const T* history = static_cast<const T*>(a.ms.history);
     const T h1 = a.ms.read1 >= 0 ? history[a.ms.read1 * a.numel + i] : T(0);
     const T h2 = a.ms.read2 >= 0 ? history[a.ms.read2 * a.numel + i] : T(0);
-    const T D_w = guided_value<HAS_GUIDE>(r, D_1, D_0);
+    const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1, D_0, D_u);
     const MultistepConstants<T> m(a.ms);
     T x_c = x;
     if (a.ms.corrected != nullptr) {
@@ -88,12 +90,12 @@ __device__ __forceinline__ void step_element(const StepArgs& a, const RowConstan
     static_cast<T*>(a.out)[i] = multistep_value(m, x_c, D_w, h1, h2);
     if (a.ms.write >= 0) static_cast<T*>(a.ms.history)[a.ms.write * a.numel + i] = D_w;
   } else {
-    static_cast<T*>(a.out)[i] = step_value<OP, HAS_GUIDE>(r, x, x_euler, D_1, D_0);
+    static_cast<T*>(a.out)[i] = step_value<OP, HAS_GUIDE, HAS_UNCOND>(r, x, x_euler, D_1, D_0, D_u);
   }
 }
 
 // Elements [base, base + len) of one sample; packs of N elements when every operand is aligned.
-template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T, typename DM, typename DG>
 __device__ __forceinline__ void step_range(const StepArgs& a, const RowConstants<T>& r, int64_t base, int64_t len,
                                            int64_t lane, int64_t lanes, bool vectorized) {
   constexpr int N = pack_size<T, DM, DG>();
@@ -105,22 +107,27 @@ __device__ __forceinline__ void step_range(const StepArgs& a, const RowConstants
       Pack<T, N> x{}, x_euler{}, out;
       Pack<DM, N> d1 = *reinterpret_cast<const Pack<DM, N>*>(static_cast<const DM*>(a.d_main) + i);
       Pack<DG, N> d0{};
+      Pack<DM, N> du{};
       if constexpr (OP != kDenoise) x = *reinterpret_cast<const Pack<T, N>*>(static_cast<const T*>(a.x) + i);
       if constexpr (OP == kHeun) x_euler = *reinterpret_cast<const Pack<T, N>*>(static_cast<const T*>(a.x_euler) + i);
       if constexpr (HAS_GUIDE) d0 = *reinterpret_cast<const Pack<DG, N>*>(static_cast<const DG*>(a.d_guide) + i);
+      if constexpr (HAS_UNCOND) du = *reinterpret_cast<const Pack<DM, N>*>(static_cast<const DM*>(a.d_uncond) + i);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        out.v[k] = step_value<OP, HAS_GUIDE>(r, x.v[k], x_euler.v[k], to_compute<T>(d1.v[k]),
-                                             HAS_GUIDE ? to_compute<T>(d0.v[k]) : T(0));
+        out.v[k] = step_value<OP, HAS_GUIDE, HAS_UNCOND>(r, x.v[k], x_euler.v[k], to_compute<T>(d1.v[k]),
+                                                         HAS_GUIDE ? to_compute<T>(d0.v[k]) : T(0),
+                                                         HAS_UNCOND ? to_compute<T>(du.v[k]) : T(0));
       }
       *reinterpret_cast<Pack<T, N>*>(static_cast<T*>(a.out) + i) = out;
     }
     done = packs * N;
   }
-  for (int64_t k = done + lane; k < len; k += lanes) step_element<OP, HAS_GUIDE, T, DM, DG>(a, r, base + k);
+  for (int64_t k = done + lane; k < len; k += lanes) {
+    step_element<OP, HAS_GUIDE, HAS_UNCOND, T, DM, DG>(a, r, base + k);
+  }
 }
 
-template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T, typename DM, typename DG>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(const StepArgs a, bool vectorized, bool tiled) {
   const int64_t lane = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t lanes = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -129,12 +136,13 @@ __global__ void __launch_bounds__(kThreads) guided_step_kernel(const StepArgs a,
     // coefficients once (Karras et al. 2024: per-sample guidance weight w and noise levels).
     for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
       const RowConstants<T> r = row_constants<OP, T>(a.coef, row);
-      step_range<OP, HAS_GUIDE, T, DM, DG>(a, r, row * a.row_numel, a.row_numel, lane, lanes, vectorized);
+      step_range<OP, HAS_GUIDE, HAS_UNCOND, T, DM, DG>(a, r, row * a.row_numel, a.row_numel, lane, lanes,
+                                                       vectorized);
     }
   } else {
     // Samples shorter than a block (2-D toy points, small latents): each element finds its sample.
     for (int64_t i = lane; i < a.numel; i += lanes) {
-      step_element<OP, HAS_GUIDE, T, DM, DG>(a, row_constants<OP, T>(a.coef, i / a.row_numel), i);
+      step_element<OP, HAS_GUIDE, HAS_UNCOND, T, DM, DG>(a, row_constants<OP, T>(a.coef, i / a.row_numel), i);
     }
   }
 }
@@ -149,7 +157,7 @@ inline int64_t multiprocessors() {
   return count;
 }
 
-template <int OP, bool HAS_GUIDE, typename T, typename DM, typename DG>
+template <int OP, bool HAS_GUIDE, bool HAS_UNCOND, typename T, typename DM, typename DG>
 void launch(const StepArgs& a) {
   constexpr int N = pack_size<T, DM, DG>();
   const bool tiled = a.rows == 1 || a.row_numel >= static_cast<int64_t>(kThreads) * N;
@@ -161,6 +169,7 @@ void launch(const StepArgs& a) {
   if (OP != kDenoise) vectorized = vectorized && aligned(a.x, alignof(Pack<T, N>));
   if (OP == kHeun) vectorized = vectorized && aligned(a.x_euler, alignof(Pack<T, N>));
   if (HAS_GUIDE) vectorized = vectorized && aligned(a.d_guide, alignof(Pack<DG, N>));
+  if (HAS_UNCOND) vectorized = vectorized && aligned(a.d_uncond, alignof(Pack<DM, N>));
 
   const int64_t max_blocks = multiprocessors() * kBlocksPerSm;
   dim3 grid(1, 1, 1);
@@ -173,7 +182,7 @@ void launch(const StepArgs& a) {
   } else {
     grid.x = static_cast<unsigned>(std::clamp<int64_t>((a.numel + kThreads - 1) / kThreads, 1, max_blocks));
   }
-  guided_step_kernel<OP, HAS_GUIDE, T, DM, DG>
+  guided_step_kernel<OP, HAS_GUIDE, HAS_UNCOND, T, DM, DG>
       <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vectorized, tiled);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -189,19 +198,19 @@ void with_d_type(DType type, F&& f) {
   }
 }
 
-// Every kernel of op OP: x's dtype by the network outputs' dtypes, with and without guidance.
-template <int OP>
-void run_step(const StepArgs& a) {
-  if (a.numel == 0) return;
-  const c10::cuda::CUDAGuard guard(a.device);
+// The kernels of op OP with or without CFG's third output: x's dtype by the network outputs' dtypes,
+// with and without guidance.
+template <int OP, bool HAS_UNCOND>
+void run_outputs(const StepArgs& a) {
   auto for_x = [&](auto x_value) {
     using T = decltype(x_value);
     with_d_type(a.d_main_type, [&](auto dm_value) {
       using DM = decltype(dm_value);
       if (a.d_guide == nullptr) {
-        launch<OP, false, T, DM, DM>(a);
+        launch<OP, false, HAS_UNCOND, T, DM, DM>(a);
       } else {
-        with_d_type(a.d_guide_type, [&](auto dg_value) { launch<OP, true, T, DM, decltype(dg_value)>(a); });
+        with_d_type(a.d_guide_type,
+                    [&](auto dg_value) { launch<OP, true, HAS_UNCOND, T, DM, decltype(dg_value)>(a); });
       }
     });
   };
@@ -209,6 +218,21 @@ void run_step(const StepArgs& a) {
     for_x(double());
   } else {
     for_x(float());
+  }
+}
+
+// Every kernel of op OP.
+template <int OP>
+void run_step(const StepArgs& a) {
+  if (a.numel == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device);
+  if (a.d_uncond == nullptr) {
+    run_outputs<OP, false>(a);
+  } else {
+    TORCH_CHECK(a.d_uncond_type == a.d_main_type,
+                "ag_kernels (CUDA): d_uncond must have d_main's dtype (the public ag_kernels API converts both to "
+                "x's dtype when they differ)");
+    run_outputs<OP, true>(a);
   }
 }
 
