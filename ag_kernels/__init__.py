@@ -24,7 +24,8 @@ _EXPORTS = {
     **dict.fromkeys(("guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step", "PreparedSteps",
                      "available_backends", "torch_edm_sampler", "torch_multistep_sampler"), "kernels"),
     **dict.fromkeys(("edm_sampler", "karras_schedule", "SOLVERS", "GuidedSampler", "NonFiniteError", "generate",
-                     "GeneratedBatch", "SeedNoise", "parse_seeds"), "sampling"),
+                     "GeneratedBatch", "SeedNoise", "parse_seeds", "tune_schedule", "save_schedule", "load_schedule"),
+                   "sampling"),
     **dict.fromkeys(("load_net", "save_net", "CheckpointError", "UnsafeCheckpointError", "TinyDenoiser",
                      "register_arch", "get_arch", "ARCHS", "load_snapshot", "EDM2Error"), "models"),
 }
