@@ -293,7 +293,7 @@ def schedule_goals(result) -> Dict[str, Dict[str, object]]:
 
     def keeps(r):
         return (all(k >= 0.75 for k in kept(r))
-                and all(d["recall"] >= h["recall"] - 0.02 for d, h in zip(r["draws"], ref)))
+                and all(abs(d["recall"] - h["recall"]) <= 0.02 for d, h in zip(r["draws"], ref)))
 
     def name(r):
         return f"{r['solver']} {r['evals']} evals, {r['schedule']}"
