@@ -285,3 +285,24 @@ def test_cli_sigmas_list_and_file_write_the_same_images(files, tmp_path, capsys)
 def test_cli_bad_sigmas(files, capsys, extra, message):
     code, err = _cli(_generate(files, *extra), capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cli_schedule_choices_agree():
+    from ag_kernels.commands.generate import SCHEDULE_CHOICES
+    from ag_kernels.sampling._settings import SCHEDULES
+
+    assert SCHEDULE_CHOICES == SCHEDULES
+
+
+def test_cli_logsnr_writes_what_python_samples(files, tmp_path, capsys):
+    code, err = _cli(_generate(files, "--schedule", "logsnr", "--steps", "5", "--sigma-min", "0.01",
+                               "--solver", "dpmpp_2m", "--outdir", str(tmp_path / "a")), capsys)
+    assert code == 0, err
+    code, err = _cli(_generate(files, "--sigmas", ",".join(repr(v) for v in logsnr_schedule(
+        5, 0.01, 80.0, dtype=torch.float64).tolist()), "--solver", "dpmpp_2m", "--outdir", str(tmp_path / "b")),
+        capsys)
+    assert code == 0, err
+    a, b = (sorted((tmp_path / k).rglob("*.png")) for k in "ab")
+    assert len(a) == 2 and [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    settings = json.loads((tmp_path / "a" / "ag_kernels-settings.json").read_text())
+    assert settings["schedule"] == "logsnr"
