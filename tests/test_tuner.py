@@ -194,3 +194,22 @@ def test_cli_bad_flags(files, tmp_path, capsys, extra, message):
     code, _, err = _cli(argv, capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_toy_schedule_study_runs(monkeypatch):
+    """The schedule study (python -m ag_kernels.toy.solvers --schedules), shrunk: rows for every
+    solver x schedule asked, tuned ones with their levels, and both goals judged."""
+    from ag_kernels.toy import experiment as ex
+    from ag_kernels.toy import solvers as study
+
+    monkeypatch.setattr(study, "CALIBRATION_N", 64)
+    monkeypatch.setattr(study, "CONVERGED_STEPS", 16)
+    result = study.schedule_study(ex.load_models(), n=256, draws=(0, 1), solvers=("euler", "dpmpp_2m"), budgets=(8,),
+                                  schedules=study.SCHEDULES[:2] + study.SCHEDULES[-1:], log=None)
+    labels = {(r["solver"], r["schedule"]) for r in result["rows"]}
+    assert labels == {("none", "karras"), ("heun", "karras"), ("euler", "karras"), ("euler", "logsnr"),
+                      ("dpmpp_2m", "karras"), ("dpmpp_2m", "logsnr"), ("dpmpp_2m", "tuned@0.005")}
+    tuned = next(r for r in result["rows"] if r["schedule"] == "tuned@0.005")
+    assert len(tuned["sigmas"]) == 9 and tuned["sigmas"][-2] == 0.005 and len(tuned["draws"]) == 2
+    assert set(result["goals"]) == {"matches_heun63_within_10_evals", "keeps_75pct_reduction_at_8_evals"}
+    assert list(result["tune_seconds"]) == ["dpmpp_2m/8/tuned@0.005"]
