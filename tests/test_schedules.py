@@ -99,7 +99,8 @@ def test_explicit_levels_match_the_float64_transcriptions(nets, solver, backend)
     net, gnet = nets
     noise = _noise(dtype=torch.float64)
     labels = torch.tensor([0, 2, 1, 1, 0])
-    got = edm_sampler(net, noise, labels, gnet, sigmas=torch.tensor(ODD, dtype=torch.float64), guidance=2.7, solver=solver,
+    got = edm_sampler(net, noise, labels, gnet, sigmas=torch.tensor(ODD, dtype=torch.float64), guidance=2.7,
+                      solver=solver,
                       dtype=torch.float64, backend=backend)
     if solver == "heun":
         ref = torch_edm_sampler(net, noise, labels, gnet, guidance=2.7, dtype=torch.float64,

@@ -447,7 +447,8 @@ def _run(args) -> int:
         net, gnet, seeds=seeds, batch_size=args.batch, class_idx=args.class_idx, encoder=encoder,
         outdir=None if outdir is None else str(outdir), subdirs=args.subdirs, batch_split="even",
         skip_existing=args.skip_existing, noise_shape=shape, device=device, progress=not args.no_progress,
-        **_schedule_kwargs(args), guidance=guidance, S_churn=args.churn, S_min=args.s_min, S_max=args.s_max, S_noise=args.s_noise,
+        **_schedule_kwargs(args), guidance=guidance, S_churn=args.churn, S_min=args.s_min, S_max=args.s_max,
+        S_noise=args.s_noise,
         dtype=getattr(torch, args.dtype), backend=args.backend, guidance_interval=interval, solver=args.solver,
         cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph], overlap=not args.no_overlap,
     )

@@ -3,7 +3,8 @@
 ``engine`` (:class:`GuidedSampler`: the run, eager or from a CUDA graph) with its parts
 ``_settings`` (checked arguments, guidance weights), ``_plan`` (the schedule of a run) and
 ``_graphs`` (static buffers, capture, replay, the graph cache); ``sampler`` (the drop-in
-``edm_sampler``); ``tuning`` (schedules fitted to a guided pair and a solver); ``seeds`` (per-seed noise); ``generation`` (many seeds to images, torchrun).
+``edm_sampler``); ``tuning`` (schedules fitted to a guided pair and a solver); ``seeds`` (per-seed
+noise); ``generation`` (many seeds to images, torchrun).
 It imports the kernels wing and nothing above it.
 """
 

@@ -1,4 +1,5 @@
-"""The plan of a run: the schedule (Karras, log-SNR-uniform or explicit), churn and the noise level of every network evaluation.
+"""The plan of a run: the schedule (Karras, log-SNR-uniform or explicit), churn and the noise level
+of every network evaluation.
 
 Everything that holds for a whole run is decided once per (device, dtype), before the first step.
 """

@@ -193,6 +193,7 @@ def load_schedule(path, *, solver: Optional[str] = None, num_steps: Optional[int
         raise ValueError(f"solver: the schedule in {os.fspath(path)!r} was tuned for solver={record.get('solver')!r}, "
                          f"not {solver!r}; tune one for {solver!r}")
     if num_steps is not None and len(levels) - 1 != num_steps:
-        raise ValueError(f"num_steps: the schedule in {os.fspath(path)!r} has {len(levels) - 1} steps, not {num_steps}; "
+        raise ValueError(f"num_steps: the schedule in {os.fspath(path)!r} has {len(levels) - 1} steps, "
+                         f"not {num_steps}; "
                          f"tune one for num_steps={num_steps}")
     return torch.tensor(levels, dtype=torch.float64)

@@ -197,7 +197,8 @@ DRAWS = (0, 1, 2)
 CALIBRATION_SEED, CALIBRATION_N = 1000, 1024
 #: (label, kind, sigma_min) of the schedules compared; "tuned" ones are fitted per solver and budget.
 SCHEDULES = (("karras", "karras", ex.SIGMA_MIN), ("logsnr", "logsnr", ex.SIGMA_MIN),
-             ("logsnr@0.005", "logsnr", 0.005), ("logsnr@0.01", "logsnr", 0.01), ("tuned", "tuned", ex.SIGMA_MIN), ("tuned@0.005", "tuned", 0.005))
+             ("logsnr@0.005", "logsnr", 0.005), ("logsnr@0.01", "logsnr", 0.01), ("tuned", "tuned", ex.SIGMA_MIN),
+             ("tuned@0.005", "tuned", 0.005))
 #: Solvers whose schedules are not tuned: Heun halves the steps of a budget, and Euler tuned by
 #: distance traded outliers for it (in a trial at 8 evaluations, .127 against .039 log-SNR-uniform to 0.01).
 TUNE_SKIP = ("heun", "euler")
@@ -309,7 +310,8 @@ def schedule_goals(result) -> Dict[str, Dict[str, object]]:
     closest10 = min(within10, key=excess, default=None)
     best8 = max(within8, key=lambda r: min(kept(r)), default=None)
     return {
-        "matches_heun63_within_10_evals": {"met": bool(match), "configs": match, "closest": closest10 and name(closest10),
+        "matches_heun63_within_10_evals": {"met": bool(match), "configs": match,
+                                           "closest": closest10 and name(closest10),
                                            "closest_worst_excess": closest10 and excess(closest10)},
         "keeps_75pct_reduction_at_8_evals": {"met": bool(keep), "configs": keep, "best": best8 and name(best8),
                                              "best_kept_per_draw": best8 and kept(best8),
