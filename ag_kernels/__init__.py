@@ -25,7 +25,8 @@ _EXPORTS = {
                      "available_backends", "torch_edm_sampler", "torch_multistep_sampler", "torch_unipc_sampler"),
                     "kernels"),
     **dict.fromkeys(("edm_sampler", "karras_schedule", "SOLVERS", "GuidedSampler", "NonFiniteError", "generate",
-                     "GeneratedBatch", "SeedNoise", "parse_seeds", "AutoguidedPipeline"), "sampling"),
+                     "GeneratedBatch", "SeedNoise", "parse_seeds", "AutoguidedPipeline", "tune_schedule",
+                     "save_schedule", "load_schedule"), "sampling"),
     **dict.fromkeys(("load_net", "save_net", "CheckpointError", "UnsafeCheckpointError", "TinyDenoiser",
                      "register_arch", "get_arch", "ARCHS", "load_snapshot", "EDM2Error"), "models"),
 }

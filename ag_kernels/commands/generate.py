@@ -57,10 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into an --outdir that holds images made with other settings")
     p.add_argument("--shape", help="noise shape C,H,W when the network has no img_channels/img_resolution")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps (default 32)")
-    p.add_argument("--sigma-min", "--sigma_min", dest="sigma_min", type=float, default=0.002)
-    p.add_argument("--sigma-max", "--sigma_max", dest="sigma_max", type=float, default=80.0)
-    p.add_argument("--rho", type=float, default=7.0)
+    # Schedule flags default to None so that --sigmas can tell them given from left out.
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 32)")
+    p.add_argument("--sigma-min", "--sigma_min", dest="sigma_min", type=float, default=None, help="(default 0.002)")
+    p.add_argument("--sigma-max", "--sigma_max", dest="sigma_max", type=float, default=None, help="(default 80)")
+    p.add_argument("--rho", type=float, default=None, help="Karras schedule's rho (default 7)")
+    p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default=None,
+                   help="built-in schedule: karras (default) or logsnr (uniform in log sigma)")
+    p.add_argument("--sigmas", help="explicit noise levels instead of --steps/--sigma-min/--sigma-max/--rho/--schedule: "
+                   "a comma list (80,10,1,0.1,0) or a file (a schedule JSON from tune-schedule, or numbers)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance weight w (default: the preset's, else 1: no guidance)")
     p.add_argument("--guidance-interval", help="lo,hi: guide only for sigma in (lo, hi]")
@@ -160,13 +165,21 @@ def _check_flags(args):
         raise UsageError(f"--seeds: {str(exc).removeprefix('seeds: ')}") from None
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.steps < 1:
+    args.sigmas_values = parse_sigmas_flag(args)
+    if args.sigmas_values is None:
+        for name, value in _SCHEDULE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if args.sigmas_values is None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.class_idx is not None and args.class_idx < 0:
         raise UsageError(f"--class must be >= 0, got {args.class_idx}")
-    _number("--sigma-min", args.sigma_min, lo=0, lo_open=True)
-    _number("--sigma-max", args.sigma_max, lo=args.sigma_min, lo_open=True)
-    _number("--rho", args.rho, lo=0, lo_open=True)
+    if args.sigmas_values is None:
+        _number("--sigma-min", args.sigma_min, lo=0, lo_open=True)
+        _number("--sigma-max", args.sigma_max, lo=args.sigma_min, lo_open=True)
+        _number("--rho", args.rho, lo=0, lo_open=True)
+        if args.schedule != "karras" and args.rho != _SCHEDULE_DEFAULTS["rho"]:
+            raise UsageError(f"--rho shapes only --schedule karras, not --schedule {args.schedule}")
     _number("--churn", args.churn, lo=0)
     _number("--s-noise", args.s_noise)
     _number("--s-min", args.s_min, finite=False)
@@ -202,14 +215,71 @@ def _check_flags(args):
     return seeds, shape, interval
 
 
+_SCHEDULE_DEFAULTS = {"steps": 32, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "schedule": "karras"}
+_SCHEDULE_FLAGS = {"steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
+                   "schedule": "--schedule"}
+
+
+def parse_sigmas_flag(args):
+    """--sigmas as checked noise levels ending in 0 (None without --sigmas): a comma list, a schedule JSON
+    (tuned for --solver, else an error), a JSON list, or a text file of numbers."""
+    if args.sigmas is None:
+        return None
+    given = [flag for name, flag in _SCHEDULE_FLAGS.items() if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"--sigmas and {' / '.join(given)} were both given: --sigmas replaces --steps, --sigma-min, "
+                         "--sigma-max, --rho and --schedule; pass one or the other")
+    from ..sampling._settings import check_sigmas
+    from ..sampling.tuning import read_schedule
+
+    text = args.sigmas
+    if os.path.isfile(text):
+        try:
+            record = read_schedule(text, name="--sigmas")
+        except ValueError:
+            record = None
+        if record is not None:
+            if record.get("solver") != args.solver:
+                raise UsageError(f"--sigmas {text!r} was tuned for --solver {record.get('solver')}, not --solver "
+                                 f"{args.solver}: pass --solver {record.get('solver')}, or tune a schedule for "
+                                 f"{args.solver}")
+            values = record["sigmas"]
+        else:
+            try:
+                with open(text) as f:
+                    content = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"--sigmas: cannot read {text!r}: {exc}") from None
+            values = _numbers(content.replace("[", " ").replace("]", " "), text)
+    elif os.path.exists(text) or text.lower().endswith(".json"):
+        raise UsageError(f"--sigmas: {'not a file' if os.path.exists(text) else 'no such file'}: {text!r}")
+    else:
+        values = _numbers(text, text)
+    try:
+        return check_sigmas(values, name="--sigmas")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _numbers(text, shown):
+    try:
+        return [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+    except ValueError:
+        raise UsageError(f"--sigmas must be a comma list of numbers (80,10,1,0.1,0) or a schedule file; "
+                         f"got {shown!r}") from None
+
+
 # ag_kernels.SOLVERS, spelled out so that parsing the command line does not import torch (a test checks they agree).
 SOLVER_CHOICES = ("heun", "euler", "dpmpp_2m", "dpmpp_3m", "unipc")
+# ag_kernels.sampling._settings.SCHEDULES, likewise.
+SCHEDULE_CHOICES = ("karras", "logsnr")
 
 # Keyword names in messages from the Python API, as the flags that set them.
 _FLAGS = {"batch_size": "--batch", "class_idx": "--class", "num_steps": "--steps", "noise_shape": "--shape",
           "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "S_churn": "--churn", "S_min": "--s-min",
           "S_max": "--s-max", "S_noise": "--s-noise", "guidance_interval": "--guidance-interval",
-          "outdir": "--outdir", "backend": "--backend", "rho": "--rho", "seeds": "--seeds"}
+          "outdir": "--outdir", "backend": "--backend", "rho": "--rho", "seeds": "--seeds", "sigmas": "--sigmas",
+          "schedule": "--schedule"}
 _FLAG_RE = re.compile(r"\b(" + "|".join(map(re.escape, _FLAGS)) + r")\b")
 
 
@@ -242,6 +312,9 @@ def _settings(args, net_path, gnet_path, guidance, interval, shape, device):
         "s_noise": args.s_noise if churned else None, "solver": args.solver, "dtype": args.dtype,
         "backend": args.backend, "class": args.class_idx, "batch": args.batch, "shape": list(shape) if shape else None,
         "subdirs": args.subdirs, "device": device.type,
+        # Only where used, so that folders written before these flags existed still resume.
+        **({"sigmas": args.sigmas_values} if args.sigmas_values is not None else {}),
+        **({"schedule": args.schedule} if args.schedule not in (None, "karras") else {}),
     }
 
 
@@ -403,8 +476,8 @@ def _run(args) -> int:
         net, gnet, seeds=seeds, batch_size=args.batch, class_idx=args.class_idx, encoder=encoder,
         outdir=None if outdir is None else str(outdir), subdirs=args.subdirs, batch_split="even",
         skip_existing=args.skip_existing, noise_shape=shape, device=device, progress=not args.no_progress,
-        num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-        guidance=guidance, S_churn=args.churn, S_min=args.s_min, S_max=args.s_max, S_noise=args.s_noise,
+        **_schedule_kwargs(args), guidance=guidance, S_churn=args.churn, S_min=args.s_min, S_max=args.s_max,
+        S_noise=args.s_noise,
         dtype=getattr(torch, args.dtype), backend=args.backend, guidance_interval=interval, solver=args.solver,
         cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph], overlap=not args.no_overlap,
     )
@@ -452,6 +525,17 @@ def _drain(args, runs, outdir, settings, seeds, flagify) -> int:
     extra = f" ({skipped} already there)" if skipped and _is_single_process() else ""
     print(f"generated {count} samples{done}{extra}")
     return 0
+
+
+def _schedule_kwargs(args):
+    if args.sigmas_values is not None:
+        return {"sigmas": args.sigmas_values}
+    kwargs = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+    if args.schedule == "karras":
+        kwargs["rho"] = args.rho
+    else:
+        kwargs["schedule"] = args.schedule
+    return kwargs
 
 
 def _is_single_process() -> bool:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m ag_kernels {demo,toy,generate,verify,selfcheck}`` (also ``ag-kernels``)."""
+"""Command line: ``python -m ag_kernels {demo,toy,generate,tune-schedule,verify,selfcheck}`` (also ``ag-kernels``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def main(argv=None) -> int:
     from ..toy import cli as toy_cli
     from . import generate as cli_generate
     from . import selfcheck
+    from . import tune_schedule as cli_tune
 
     p = sub.add_parser("demo", help="the paper's 2-D toy: no guidance vs CFG vs autoguidance, measured and drawn")
     toy_cli.add_demo_arguments(p)
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     selfcheck.add_arguments(p)
     p = sub.add_parser("generate", help="generate samples from saved networks with the guided EDM sampler")
     cli_generate.add_arguments(p)
+    p = sub.add_parser("tune-schedule", help="fit a noise schedule to a guided pair, a solver and a budget (JSON "
+                       "for generate --sigmas)")
+    cli_tune.add_arguments(p)
     sub.add_parser(
         "verify", add_help=False,
         help="compare edm_sampler with the reference one of an NVlabs/edm2 checkout (--edm2 PATH; see verify -h)",
@@ -37,6 +41,8 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "generate":
         return cli_generate.run(args)
+    if args.command == "tune-schedule":
+        return cli_tune.run(args)
     if args.command == "demo":
         return toy_cli.run_demo(parser, args)
     if args.command == "toy":

@@ -118,9 +118,17 @@ def torch_unipc_step(x, d_main, d_guide, guidance, a_c, c, a, b, previous, *, d_
     return _linear_update(a, x_c, b, D_w, previous), x_c, D_w
 
 
+def _explicit_sigmas(sigmas, dtype, device):
+    """An explicit schedule as the sampler's levels: ``dtype`` values on ``device``, a final 0 appended when absent."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).to(dtype=dtype, device=device)
+    if sigmas[-1] != 0:
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas
+
+
 def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
                       guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, dtype=torch.float32,
-                      randn_like=torch.randn_like):
+                      randn_like=torch.randn_like, *, sigmas=None):
     """The EDM Heun sampler with guidance, op by op in plain PyTorch: the eager baseline and oracle.
 
     Our transcription of the published algorithm (Karras et al. 2022, Algorithm 2, with the
@@ -145,6 +153,8 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
         S_noise: scale of the churn noise.
         dtype: the sampler's dtype.
         randn_like: draws the churn noise, once per churned step.
+        sigmas: explicit noise levels (unchecked) in place of the Karras schedule, num_steps = their
+            number - 1; None for the Karras schedule.
 
     Returns:
         The final samples, ``noise``'s shape, in ``dtype``.
@@ -162,12 +172,16 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
         d_guide = gnet(x, t, labels).to(dtype)
         return d_guide.lerp(d_main, guidance)
 
-    # Karras et al. (2022), Eq. 5, evaluated in `dtype`, then t_N = 0.
-    i = torch.arange(num_steps, dtype=dtype, device=noise.device)
-    hi = sigma_max ** (1 / rho)
-    lo = sigma_min ** (1 / rho)
-    sigmas = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
-    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=dtype, device=noise.device)])
+    if sigmas is None:
+        # Karras et al. (2022), Eq. 5, evaluated in `dtype`, then t_N = 0.
+        i = torch.arange(num_steps, dtype=dtype, device=noise.device)
+        hi = sigma_max ** (1 / rho)
+        lo = sigma_min ** (1 / rho)
+        sigmas = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
+        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=dtype, device=noise.device)])
+    else:
+        sigmas = _explicit_sigmas(sigmas, dtype, noise.device)
+        num_steps = len(sigmas) - 1
 
     x = noise.to(dtype) * sigmas[0]
     for step in range(num_steps):
@@ -196,14 +210,15 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
 
 
 def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
-                            guidance=1, dtype=torch.float32, solver="dpmpp_2m"):
+                            guidance=1, dtype=torch.float32, solver="dpmpp_2m", *, sigmas=None):
     """DPM-Solver++(2M) or (3M) (Lu et al. 2022) on the guided denoiser, in the paper's notation: the oracle.
 
     lambda = -log sigma, h = lambda_next - lambda; x_next = (sigma_next / sigma) x - expm1(-h) D', with
     D' = D_w (first order: the first step, and the last one, which lands on sigma = 0: x_next = D_w);
     2M: D' = (1 + 1/(2r)) D_w - D_prev / (2r), r = h_prev / h; 3M: the first-order update plus
     phi_2 d1 - phi_3 d2 from the divided differences of the last three outputs.  One evaluation of
-    D_w per schedule point, t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0.
+    D_w per schedule point, t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0, or the
+    explicit ``sigmas`` (a final 0 appended when absent).
 
     Args:
         net: the main network D_1, called as ``net(x, t, labels)``.
@@ -217,6 +232,7 @@ def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, si
         guidance: the weight w.
         dtype: the sampler's dtype (float64 for the oracle).
         solver: "dpmpp_2m" or "dpmpp_3m".
+        sigmas: explicit noise levels (unchecked) in place of the Karras schedule, or None.
 
     Returns:
         The final samples, ``noise``'s shape, in ``dtype``.
@@ -234,8 +250,12 @@ def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, si
 
     i = torch.arange(num_steps, dtype=dtype, device=noise.device)
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
-    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=dtype, device=noise.device)])
+    if sigmas is not None:
+        sigmas = _explicit_sigmas(sigmas, dtype, noise.device)
+        num_steps = len(sigmas) - 1
+    else:
+        sigmas = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
+        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=dtype, device=noise.device)])
 
     x = noise.to(dtype) * sigmas[0]
     D_prev = []  # earlier outputs, newest first

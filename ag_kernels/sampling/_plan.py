@@ -1,4 +1,5 @@
-"""The plan of a run: the Karras schedule, churn and the noise level of every network evaluation.
+"""The plan of a run: the schedule (Karras, log-SNR-uniform or explicit), churn and the noise level
+of every network evaluation.
 
 Everything that holds for a whole run is decided once per (device, dtype), before the first step.
 """
@@ -46,6 +47,35 @@ def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
     else:
         t_steps = torch.full((1,), sigma_max, dtype=dtype, device=device)
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+
+def logsnr_schedule(num_steps: int, sigma_min: float, sigma_max: float, *, dtype=torch.float32,
+                    device=None) -> torch.Tensor:
+    """Noise levels uniform in log sigma (so in log-SNR) from sigma_max to sigma_min, then 0: N + 1 values.
+
+    Computed in float64, then rounded to ``dtype``; with ``num_steps == 1``: [sigma_max, 0].
+    """
+    if num_steps > 1:
+        log_t = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64)
+        t_steps = log_t.exp()
+    else:
+        t_steps = torch.full((1,), sigma_max, dtype=torch.float64)
+    return torch.cat([t_steps, t_steps.new_zeros(1)]).to(dtype=dtype, device=device)
+
+
+def schedule_sigmas(*, num_steps: int, sigma_min: float, sigma_max: float, rho: float, schedule: str = "karras",
+                    sigmas: Optional[List[float]] = None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The run's noise levels t_0 > ... > t_N = 0 in ``dtype`` on ``device``: ``sigmas`` (checked, ending
+    in 0) where given, else the built-in ``schedule``."""
+    if sigmas is not None:
+        t_steps = torch.tensor(sigmas, dtype=torch.float64).to(dtype=dtype, device=device)
+        if not bool((t_steps[:-1] > t_steps[1:]).all()):
+            raise ValueError(f"sigmas: two neighbouring noise levels are equal once rounded to {dtype}; "
+                             "space them further apart or use dtype=torch.float64")
+        return t_steps
+    if schedule == "logsnr":
+        return logsnr_schedule(num_steps, sigma_min, sigma_max, dtype=dtype, device=device)
+    return karras_schedule(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=device)
 
 
 @dataclass
@@ -178,12 +208,17 @@ class _Plan:
 
 
 def make_plan(*, num_steps: int, sigma_min: float, sigma_max: float, rho: float, S_churn: float, S_min: float,
-              S_max: float, S_noise: float, solver: str, dtype: torch.dtype, device: torch.device) -> _Plan:
-    """The plan of a run on ``device`` in ``dtype``: the checked settings of a GuidedSampler, laid out per step."""
-    n = num_steps
+              S_max: float, S_noise: float, solver: str, dtype: torch.dtype, device: torch.device,
+              schedule: str = "karras", sigmas: Optional[List[float]] = None) -> _Plan:
+    """The plan of a run on ``device`` in ``dtype``: the checked settings of a GuidedSampler, laid out per step.
+
+    With explicit ``sigmas`` (checked, ending in 0) there are len(sigmas) - 1 steps and churn's
+    gamma is S_churn / that number; S_min/S_max select among the given noise levels."""
     # The schedule in the sampler's dtype on the data's device, as the reference computes it;
     # one host copy gives the ops their coefficients and the churn test its noise levels.
-    t_steps = karras_schedule(n, sigma_min, sigma_max, rho, dtype=dtype, device=device)
+    t_steps = schedule_sigmas(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                              schedule=schedule, sigmas=sigmas, dtype=dtype, device=device)
+    n = len(t_steps) - 1
     t_host = t_steps.tolist()
     t_dev = t_steps.unbind(0)
     gamma = min(S_churn / n, math.sqrt(2) - 1) if S_churn > 0 else 0.0

@@ -16,7 +16,73 @@ from ..kernels.ops import D_DTYPES
 SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m", "unipc")
 """The solvers ``solver=`` accepts: EDM's Heun (the reference), Euler, DPM-Solver++(2M) and (3M), and UniPC (bh2 predictor with
 the UniC corrector, no extra evaluations)."""
+#: Built-in schedules: "karras" (Karras et al. 2022, Eq. 5, with rho) and "logsnr" (uniform in log sigma).
+SCHEDULES = ("karras", "logsnr")
 _SAME = object()  # guide_labels default: the guiding network gets the main network's labels
+
+
+class _DefaultInt(int):
+    """A default value that equals (and prints as) its number but is known by identity, so that an
+    argument left at its default can be told from one given explicitly with the same value."""
+
+
+class _DefaultFloat(float):
+    """As :class:`_DefaultInt`, for a float default."""
+
+
+class _DefaultStr(str):
+    """As :class:`_DefaultInt`, for a str default."""
+
+
+# The schedule's defaults as the sampler signatures carry them: `sigmas=` may only be combined with these.
+DEFAULT_NUM_STEPS = _DefaultInt(32)
+DEFAULT_SIGMA_MIN = _DefaultFloat(0.002)
+DEFAULT_SIGMA_MAX = _DefaultInt(80)
+DEFAULT_RHO = _DefaultInt(7)
+DEFAULT_SCHEDULE = _DefaultStr("karras")
+_SCHEDULE_DEFAULTS = {"num_steps": DEFAULT_NUM_STEPS, "sigma_min": DEFAULT_SIGMA_MIN, "sigma_max": DEFAULT_SIGMA_MAX,
+                      "rho": DEFAULT_RHO, "schedule": DEFAULT_SCHEDULE}
+
+
+def given_with_sigmas(**values) -> List[str]:
+    """The names among num_steps, sigma_min, sigma_max, rho, schedule that were given (not left at their default)."""
+    return [k for k, v in values.items() if v is not _SCHEDULE_DEFAULTS[k]]
+
+
+def check_sigmas(sigmas, name: str = "sigmas") -> List[float]:
+    """An explicit schedule checked: a 1-D tensor or sequence of at least 2 finite values, strictly
+    decreasing, positive except for an optional final 0 (appended when absent).  Returns the
+    noise levels as Python floats, ending in 0."""
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(sigmas.shape)}")
+        if sigmas.is_complex() or not (sigmas.is_floating_point() or sigmas.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {sigmas.dtype}")
+        values = [float(v) for v in sigmas.detach().cpu().double().tolist()]
+    elif isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__") or not hasattr(sigmas, "__iter__"):
+        raise TypeError(f"{name} must be a 1-D tensor or a sequence of numbers, got {type(sigmas).__name__}")
+    else:
+        values = []
+        for i, v in enumerate(sigmas):
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                v = v.item()
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name}[{i}] must be a real number, got {type(v).__name__}")
+            values.append(float(v))
+    if len(values) < 2:
+        raise ValueError(f"{name} must have at least 2 noise levels (e.g. [sigma_max, 0]), got {len(values)}")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}[{i}] must be finite, got {v}")
+        if v < 0 or (v == 0 and i < len(values) - 1):
+            raise ValueError(f"{name}[{i}] must be > 0 (only the last noise level may be 0), got {v}")
+    for i in range(len(values) - 1):
+        if not values[i] > values[i + 1]:
+            raise ValueError(f"{name} must be strictly decreasing, got {name}[{i}]={values[i]:g} <= "
+                             f"{name}[{i + 1}]={values[i + 1]:g}")
+    if values[-1] != 0:
+        values.append(0.0)
+    return values
 
 
 def _real(name: str, value, *, positive=False, nonnegative=False, allow_inf=False) -> float:

@@ -39,7 +39,8 @@ import torch
 from ..kernels.ops import D_DTYPES, PreparedSteps
 from ._graphs import GraphCache
 from ._plan import MULTISTEP, _Plan, karras_schedule, make_plan
-from ._settings import _SAME, SOLVERS, _flag, _Guidance, _Noise, _real
+from ._settings import (_SAME, DEFAULT_NUM_STEPS, DEFAULT_RHO, DEFAULT_SCHEDULE, DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN,
+                        SCHEDULES, SOLVERS, _flag, _Guidance, _Noise, _real, check_sigmas, given_with_sigmas)
 
 __all__ = ["GuidedSampler", "NonFiniteError", "karras_schedule", "SOLVERS"]
 
@@ -74,7 +75,8 @@ def _check_output(name, out, shape, x):
 class GuidedSampler:
     """A reusable guided EDM sampler: ``GuidedSampler(net, gnet, **settings)(noise, labels)``.
 
-    The settings are those of :func:`ag_kernels.edm_sampler` (same names, defaults and checks);
+    The settings are those of :func:`ag_kernels.edm_sampler` (same names, defaults and checks,
+    ``sigmas`` and ``schedule`` included);
     calling the engine is ``edm_sampler(net, noise, labels, gnet, **settings)``, with the
     additions below.  The settings are checked once, here; each call checks its batch.
 
@@ -144,10 +146,10 @@ class GuidedSampler:
         net,
         gnet=None,
         *,
-        num_steps: int = 32,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80,
-        rho: float = 7,
+        num_steps: int = DEFAULT_NUM_STEPS,
+        sigma_min: float = DEFAULT_SIGMA_MIN,
+        sigma_max: float = DEFAULT_SIGMA_MAX,
+        rho: float = DEFAULT_RHO,
         guidance=1,
         S_churn: float = 0,
         S_min: float = 0,
@@ -165,11 +167,29 @@ class GuidedSampler:
         compile: bool = False,
         max_graphs: int = 4,
         check_finite: bool = False,
+        sigmas=None,
+        schedule: str = DEFAULT_SCHEDULE,
     ):
         if not callable(net):
             raise TypeError(f"net must be callable as net(x, t, labels), got {type(net).__name__}")
         if gnet is not None and not callable(gnet):
             raise TypeError(f"gnet must be callable as gnet(x, t, labels) or None, got {type(gnet).__name__}")
+        self.sigmas = None
+        if sigmas is not None:
+            # An explicit schedule replaces the built-in ones' parameters: giving both is ambiguous.
+            given = given_with_sigmas(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                                      schedule=schedule)
+            if given:
+                raise ValueError(f"sigmas and {' / '.join(given)} were both given: an explicit schedule replaces "
+                                 "num_steps, sigma_min, sigma_max, rho and schedule; pass one or the other")
+            self.sigmas = check_sigmas(sigmas)
+            num_steps, sigma_min, sigma_max = len(self.sigmas) - 1, self.sigmas[-2], self.sigmas[0]
+            sigma_min = min(sigma_min, sigma_max / 2)  # one step [sigma_max, 0]: only its own levels matter
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule != "karras" and rho is not DEFAULT_RHO:
+            raise ValueError(f"rho={rho!r} was given with schedule={schedule!r}: rho shapes only the 'karras' schedule")
+        self.schedule = str(schedule)
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
             raise TypeError(f"num_steps must be an integer, got {type(num_steps).__name__}")
         if num_steps < 1:
@@ -236,7 +256,7 @@ class GuidedSampler:
             plan = self._plans[device] = make_plan(
                 num_steps=self.num_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
                 S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise, solver=self.solver,
-                dtype=self.dtype, device=device)
+                dtype=self.dtype, device=device, schedule=self.schedule, sigmas=self.sigmas)
         return plan
 
     # ----------------------------------------------------------------------- the run

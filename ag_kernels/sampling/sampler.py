@@ -22,7 +22,8 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from ._settings import _Guidance
+from ._settings import (DEFAULT_NUM_STEPS, DEFAULT_RHO, DEFAULT_SCHEDULE, DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN,
+                        _Guidance)
 from .engine import SOLVERS, GuidedSampler, karras_schedule
 
 __all__ = ["edm_sampler", "karras_schedule", "SOLVERS"]
@@ -44,8 +45,15 @@ def _identity(v):
     return v
 
 
+def _key_value(name, v):
+    # A schedule tensor by value: refilled in place, it must not replay the old schedule's engine.
+    if name == "sigmas" and isinstance(v, torch.Tensor):
+        return ("sigmas", tuple(v.detach().cpu().reshape(-1).tolist()))
+    return _identity(v)
+
+
 def _cached_engine(net, gnet, settings: dict) -> GuidedSampler:
-    key = (id(net), id(gnet)) + tuple((k, _identity(v)) for k, v in sorted(settings.items()) if k != "guidance")
+    key = (id(net), id(gnet)) + tuple((k, _key_value(k, v)) for k, v in sorted(settings.items()) if k != "guidance")
     engine = _ENGINES.get(key)
     # The engine holds its networks and callables, so the ids in the key cannot be reused while it lives.
     if engine is None:
@@ -66,10 +74,10 @@ def edm_sampler(
     noise: torch.Tensor,
     labels=None,
     gnet=None,
-    num_steps: int = 32,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80,
-    rho: float = 7,
+    num_steps: int = DEFAULT_NUM_STEPS,
+    sigma_min: float = DEFAULT_SIGMA_MIN,
+    sigma_max: float = DEFAULT_SIGMA_MAX,
+    rho: float = DEFAULT_RHO,
     guidance: Union[float, torch.Tensor, Callable[[float], Union[float, torch.Tensor]]] = 1,
     S_churn: float = 0,
     S_min: float = 0,
@@ -86,6 +94,8 @@ def edm_sampler(
     overlap: bool = True,
     guide_labels=None,
     batch_guide: Union[bool, str] = "auto",
+    sigmas=None,
+    schedule: str = DEFAULT_SCHEDULE,
 ) -> torch.Tensor:
     """Sample with the guided EDM sampler; a drop-in replacement for the EDM2 reference ``edm_sampler``.
 
@@ -101,7 +111,7 @@ def edm_sampler(
         num_steps: N >= 1 points of the Karras schedule (then t_N = 0).
         sigma_min: the smallest noise level, 0 < sigma_min < sigma_max.
         sigma_max: the largest noise level.
-        rho: the schedule's exponent, > 0.
+        rho: the schedule's exponent, > 0 (only for ``schedule="karras"``).
         guidance: the weight w of D_w = D_0 + w (D_1 - D_0).  Also: a per-sample tensor [B], or a
             function of sigma (a Python float) returning a number or a tensor [B].
         S_churn: stochastic churn (EDM, Algorithm 2), 0 for the deterministic sampler; the churn
@@ -131,6 +141,14 @@ def edm_sampler(
         guide_labels: the labels gnet gets (default: ``labels``), e.g. zeros for CFG with one network.
         batch_guide: True, False or "auto" (when ``gnet is net``): evaluate both roles as one call
             on the concatenated batch [x; x] with labels [labels; guide_labels].
+        sigmas: an explicit schedule t_0 > t_1 > ... (a 1-D tensor or sequence, positive, at least 2
+            values, optionally ending in 0, which is appended when absent): len - 1 steps through
+            exactly these noise levels, for every solver.  It replaces num_steps, sigma_min,
+            sigma_max, rho and schedule (giving any of them too is an error).  With churn, gamma is
+            S_churn / (len - 1) and S_min/S_max select among the given levels.
+            :func:`ag_kernels.tune_schedule` fits one for a guided pair and a solver.
+        schedule: the built-in schedule of num_steps levels from sigma_max to sigma_min, then 0:
+            "karras" (default: Karras et al. 2022, Eq. 5, with rho) or "logsnr" (uniform in log sigma).
 
     Returns:
         The samples at t_N = 0, in ``dtype``, with noise's shape.  Gradients are not tracked.
@@ -145,7 +163,7 @@ def edm_sampler(
         num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,
         S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, dtype=dtype, backend=backend,
         guidance_interval=guidance_interval, solver=solver, progress=progress, cuda_graph=cuda_graph,
-        overlap=overlap, batch_guide=batch_guide,
+        overlap=overlap, batch_guide=batch_guide, sigmas=sigmas, schedule=schedule,
     )
     gl = {} if guide_labels is None else {"guide_labels": guide_labels}
     if cuda_graph is False:

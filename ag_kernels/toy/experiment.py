@@ -225,21 +225,26 @@ def sample(
     sigma_max: float = SIGMA_MAX,
     nudge: bool = False,
     solver: str = "heun",
+    sigmas=None,
+    schedule: str = "karras",
 ) -> torch.Tensor:
     """n class-A samples [n, 2] (float64, CPU) of D_w = D_0 + w (D_1 - D_0) via :func:`edm_sampler`.
 
     The noise depends on ``seed`` and ``n`` only, so every method starts from the same points.
     ``nudge`` moves every starting coordinate up by one float32 ulp: how far the same sampler's
     result moves under that is its own sensitivity to rounding (thin branches amplify it).
+    ``sigmas``: an explicit schedule in place of num_steps/sigma_max; ``schedule``: the built-in one.
     """
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if nudge:
         noise32 = noise.to(torch.float32)
         noise = torch.nextafter(noise32, torch.full_like(noise32, math.inf)).to(torch.float64)
-    out = edm_sampler(
-        net, noise.to(device=device, dtype=torch.float32), None, gnet, num_steps=num_steps,
-        sigma_min=SIGMA_MIN, sigma_max=sigma_max, guidance=guidance, backend=backend, solver=solver,
-    )
+    levels = (dict(num_steps=num_steps, sigma_min=SIGMA_MIN, sigma_max=sigma_max) if sigmas is None
+              else dict(sigmas=sigmas))
+    if schedule != "karras":
+        levels["schedule"] = schedule
+    out = edm_sampler(net, noise.to(device=device, dtype=torch.float32), None, gnet, guidance=guidance,
+                      backend=backend, solver=solver, **levels)
     return out.to(device="cpu", dtype=torch.float64)
 
 
