@@ -95,6 +95,8 @@ setup(
         "test": ["triton>=3.0", "pytest", "pytest-benchmark", "ninja"],
         # Decoding EDM2's latent (img512) models: the VAE is loaded through diffusers.
         "edm2": ["diffusers>=0.25"],
+        # The manual: `mkdocs build --strict` (CI) or `mkdocs serve`; API pages from the docstrings.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

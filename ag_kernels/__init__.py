@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 # Public name -> the wing that defines it.
 _EXPORTS = {
     **dict.fromkeys(("guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step", "PreparedSteps",
-                     "available_backends", "torch_edm_sampler", "torch_multistep_sampler"), "kernels"),
+                     "available_backends", "torch_edm_sampler", "torch_multistep_sampler", "torch_unipc_sampler"),
+                    "kernels"),
     **dict.fromkeys(("edm_sampler", "karras_schedule", "SOLVERS", "GuidedSampler", "NonFiniteError", "generate",
                      "GeneratedBatch", "SeedNoise", "parse_seeds"), "sampling"),
     **dict.fromkeys(("load_net", "save_net", "CheckpointError", "UnsafeCheckpointError", "TinyDenoiser",

@@ -42,7 +42,7 @@ REPO = BENCH.parent
 #: Environment of the smoke profile: the smallest sizes that still run every case and code path.
 SMOKE_ENV = {
     "AG_BENCH_NUMEL": "4099",
-    "AG_BENCH_STEPS": "8",  # fewer steps cancel to ~1e-5 in float32 for any implementation (see README)
+    "AG_BENCH_STEPS": "8",  # fewer steps cancel to ~1e-5 in float32 for any implementation (see docs/verification.md)
     "AG_BENCH_HOST_NUMEL": "64,4099",
     "AG_BENCH_TOY_BATCHES": "3",
     "AG_BENCH_CHEAP_BATCHES": "2",
@@ -55,7 +55,7 @@ SMOKE_ENV = {
 }
 SMOKE_ARGS = ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]
 #: The smoke profile's engine suite (bench/test_engine.py): the tiny UNet, one batch, 8 steps
-#: (float32 agreement within 1e-5 needs more than ~4 steps, see the README's sampler section).
+#: (float32 agreement within 1e-5 needs more than ~4 steps, see docs/verification.md).
 SMOKE_ENV.update({
     "AG_BENCH_ENGINE_BATCHES": "2",
     "AG_BENCH_ENGINE_NETS": "cpu-xs,cpu-xs",

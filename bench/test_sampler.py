@@ -48,7 +48,7 @@ W = 2.1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS = int(os.environ.get("AG_BENCH_STEPS", "32"))
 #: Agreement asserted for float32 networks (32 steps; fewer steps cancel to ~1e-5 in float32 for
-#: any implementation, see the README's sampler section).
+#: any implementation, see docs/verification.md).
 TOL = 1e-5
 
 

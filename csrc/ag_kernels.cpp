@@ -78,6 +78,7 @@ TORCH_LIBRARY(ag_kernels, m) {
       "float g, float s, Tensor? d_uncond=None, Tensor? c_vec=None, float c=1.0) -> ()");
   m.def(
       "multistep_step(Tensor(a!) out, Tensor(b!) history, Tensor x, Tensor d_main, Tensor? d_guide, Tensor? g_vec, "
-      "float g, float a, float b0, float b1, float b2, int read1, int read2, int write, Tensor? d_uncond=None, "
-      "Tensor? c_vec=None, float c=1.0) -> ()");
+      "float g, float a, float b0, float b1, float b2, int read1, int read2, int write, Tensor(c!)? corrected=None, "
+      "float ac=0., float c0=0., float c1=0., float c2=0., Tensor? d_uncond=None, Tensor? c_vec=None, "
+      "float c=1.0) -> ()");
 }

@@ -46,9 +46,11 @@ struct StepOps {
   static void multistep_step(at::Tensor& out, at::Tensor& history, const at::Tensor& x, const at::Tensor& d_main,
                              const OptTensor& d_guide, const OptTensor& g_vec, double g, double a, double b0,
                              double b1, double b2, int64_t read1, int64_t read2, int64_t write,
+                             const OptTensor& corrected, double ac, double c0, double c1, double c2,
                              const OptTensor& d_uncond, const OptTensor& c_vec, double c) {
     Backend::template run<kMultistep>(make_multistep_args(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2,
-                                                          read1, read2, write, Uncond{d_uncond, c_vec, c}));
+                                                          read1, read2, write, corrected, ac, c0, c1, c2,
+                                                          Uncond{d_uncond, c_vec, c}));
   }
 };
 

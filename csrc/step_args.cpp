@@ -120,7 +120,9 @@ StepArgs make_step_args(
 StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
                              const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
                              const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
-                             double b2, int64_t read1, int64_t read2, int64_t write, const Uncond& uncond) {
+                             double b2, int64_t read1, int64_t read2, int64_t write,
+                             const std::optional<at::Tensor>& corrected, double ac, double c0, double c1, double c2,
+                             const Uncond& uncond) {
   const char* op = "multistep_step";
   StepArgs args = make_step_args(op, out, &x, "x", nullptr, d_main, d_guide, g_vec, std::nullopt, std::nullopt, g,
                                  1.0, 1.0, uncond);
@@ -151,6 +153,32 @@ StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, c
   args.ms.read1 = read1;
   args.ms.read2 = read2;
   args.ms.write = write;
+  if (corrected.has_value()) {
+    const at::Tensor& xc = *corrected;
+    TORCH_CHECK_TYPE(xc.scalar_type() == out.scalar_type(), "ag_kernels::", op, ": corrected must have out's dtype ",
+                     out.scalar_type(), ", got ", xc.scalar_type());
+    TORCH_CHECK(xc.device() == out.device() && xc.sizes() == out.sizes() && xc.is_contiguous(), "ag_kernels::", op,
+                ": corrected must be contiguous with out's shape ", out.sizes(), " on ", out.device());
+    // x_c is written where x is read (in place: the same elements) and nowhere another operand lives.
+    if (xc.numel() > 0) {
+      const bool is_x = xc.data_ptr() == x.data_ptr();
+      for (const at::Tensor* t : {&out, &history, &x, &d_main}) {
+        if (t == &x && is_x) continue;
+        TORCH_CHECK(at::get_overlap_status(xc, *t) == at::MemOverlapStatus::No, "ag_kernels::", op,
+                    ": corrected overlaps another operand; pass x itself or a separate tensor");
+      }
+      TORCH_CHECK(!d_guide.has_value() || at::get_overlap_status(xc, *d_guide) == at::MemOverlapStatus::No,
+                  "ag_kernels::", op, ": corrected overlaps d_guide; pass x itself or a separate tensor");
+      TORCH_CHECK(!uncond.d_uncond.has_value() ||
+                      at::get_overlap_status(xc, *uncond.d_uncond) == at::MemOverlapStatus::No,
+                  "ag_kernels::", op, ": corrected overlaps d_uncond; pass x itself or a separate tensor");
+    }
+    args.ms.corrected = xc.data_ptr();
+    args.ms.ac = ac;
+    args.ms.c0 = c0;
+    args.ms.c1 = read1 >= 0 ? c1 : 0.0;
+    args.ms.c2 = read2 >= 0 ? c2 : 0.0;
+  }
   return args;
 }
 

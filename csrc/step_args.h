@@ -43,10 +43,13 @@ StepArgs make_step_args(
     const Uncond& uncond);
 
 // make_step_args for multistep_step, plus its history (contiguous [K, *out.shape] in out's dtype; out
-// contiguous) and slots (-1: none).
+// contiguous), slots (-1: none) and optional corrector (its output `corrected`: out's shape, dtype and
+// layout, x itself or apart from every operand).
 StepArgs make_multistep_args(const at::Tensor& out, const at::Tensor& history, const at::Tensor& x,
                              const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
                              const std::optional<at::Tensor>& g_vec, double g, double a, double b0, double b1,
-                             double b2, int64_t read1, int64_t read2, int64_t write, const Uncond& uncond);
+                             double b2, int64_t read1, int64_t read2, int64_t write,
+                             const std::optional<at::Tensor>& corrected, double ac, double c0, double c1, double c2,
+                             const Uncond& uncond);
 
 }  // namespace ag_kernels

@@ -100,17 +100,22 @@ C10_HOST_DEVICE V guided_value(const RowConstants<T>& r, V D_1, V D_0, V D_u = V
 
 // The coefficients of a linear multistep update (DPM-Solver++, Lu et al. 2022), formed on the host in
 // double, and where the history lives: x_next = a x + b0 D_w + b1 H[read1] + b2 H[read2]; H[write] = D_w.
+// With a corrector (UniPC, Zhao et al. 2023), x is the previous corrected sample: first
+// x_c = ac x + c0 D_w + c1 H[read1] + c2 H[read2], stored in `corrected`, then x_next from x_c.
 struct Multistep {
   double a = 0, b0 = 0, b1 = 0, b2 = 0;
   void* history = nullptr;  // [K, numel] in the compute dtype, contiguous
   int64_t read1 = -1, read2 = -1, write = -1;  // slots; -1: none
+  void* corrected = nullptr;  // nullptr: no corrector
+  double ac = 0, c0 = 0, c1 = 0, c2 = 0;
 };
 
 template <typename T>
 struct MultistepConstants {
-  T a, b0, b1, b2;
+  T a, b0, b1, b2, ac, c0, c1, c2;
   C10_HOST_DEVICE explicit MultistepConstants(const Multistep& m)
-      : a(static_cast<T>(m.a)), b0(static_cast<T>(m.b0)), b1(static_cast<T>(m.b1)), b2(static_cast<T>(m.b2)) {}
+      : a(static_cast<T>(m.a)), b0(static_cast<T>(m.b0)), b1(static_cast<T>(m.b1)), b2(static_cast<T>(m.b2)),
+        ac(static_cast<T>(m.ac)), c0(static_cast<T>(m.c0)), c1(static_cast<T>(m.c1)), c2(static_cast<T>(m.c2)) {}
 };
 
 // x_next of a multistep update, summed left to right as the torch reference does; a history slot
@@ -118,6 +123,12 @@ struct MultistepConstants {
 template <typename V, typename T>
 C10_HOST_DEVICE V multistep_value(const MultistepConstants<T>& m, V x, V D_w, V h1, V h2) {
   return ((V(m.a) * x + V(m.b0) * D_w) + V(m.b1) * h1) + V(m.b2) * h2;
+}
+
+// x_c of a corrector, summed in the same order.
+template <typename V, typename T>
+C10_HOST_DEVICE V corrector_value(const MultistepConstants<T>& m, V x, V D_w, V h1, V h2) {
+  return ((V(m.ac) * x + V(m.c0) * D_w) + V(m.c1) * h1) + V(m.c2) * h2;
 }
 
 // One step on values of type V: T itself on both devices (the CPU loop is vectorized by the compiler).

@@ -3,7 +3,7 @@
 Everything else in the suite compares with ``tests/edm_standin``, our own transcription; these
 tests tie it, and us, to the published code.  Each runs in a subprocess (``_edm2_real_worker.py``
 or our command line), so the checkout's modules never enter this process.  They skip, saying
-why, without AG_EDM2_PATH; how to run them is in the README's Tests section:
+why, without AG_EDM2_PATH; how to run them is in docs/verification.md (Against the real NVlabs/edm2):
 
     git clone https://github.com/NVlabs/edm2 /path/to/edm2
     pip install click diffusers                 # the checkout's imports; diffusers for the latent test

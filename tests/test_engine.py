@@ -8,7 +8,7 @@ graphs and skip without a GPU.
 
 Tolerances: eager vs (emulated or real) graph runs are bitwise equal (the same kernels on the
 same values); against the published algorithm (``reference.torch_edm_sampler``) 1e-5 relative
-in float32 (the README's sampler tolerance); batched CFG vs two calls 1e-5 (a network's
+in float32 (the sampler tolerance of docs/sampler.md); batched CFG vs two calls 1e-5 (a network's
 arithmetic may depend on the batch size).
 """
 

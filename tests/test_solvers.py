@@ -1,7 +1,7 @@
-"""The multistep solvers of issue 26 ("dpmpp_2m", "dpmpp_3m") in GuidedSampler / edm_sampler.
+"""The multistep solvers ("dpmpp_2m", "dpmpp_3m", "unipc") in GuidedSampler / edm_sampler.
 
-Against the float64 transcription in the paper's notation (``torch_multistep_sampler``, written
-independently of the engine's per-step coefficients), on every backend; exact step semantics
+Against the float64 transcriptions in the papers' notation (``torch_multistep_sampler``,
+``torch_unipc_sampler``, written independently of the engine's per-step coefficients), on every backend; exact step semantics
 (one evaluation per schedule point, at those points, N in all); the guidance semantics of Heun
 (interval, callable w(sigma), per-sample w, CFG batched with one network); churn refused; the
 graph path's static buffers (emulated on the CPU); and k-diffusion's ``sample_dpmpp_2m`` when
@@ -15,10 +15,17 @@ import pytest
 import torch
 
 import ag_kernels
-from ag_kernels import GuidedSampler, edm_sampler, karras_schedule, torch_multistep_sampler
+from ag_kernels import GuidedSampler, edm_sampler, karras_schedule, torch_multistep_sampler, torch_unipc_sampler
 
 BACKENDS = ag_kernels.available_backends("cpu")
-MULTISTEP = ["dpmpp_2m", "dpmpp_3m"]
+MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc"]
+
+
+def transcription(*args, solver, **kwargs):
+    """The float64-capable transcription of ``solver`` in its paper's notation."""
+    if solver == "unipc":
+        return torch_unipc_sampler(*args, **kwargs)
+    return torch_multistep_sampler(*args, solver=solver, **kwargs)
 
 
 class Net(torch.nn.Module):
@@ -81,7 +88,7 @@ def test_float64_matches_transcription(nets, solver, num_steps, backend):
     noise, labels = _noise(), torch.tensor([0, 1, 2, 1, 0])
     ours = edm_sampler(net, noise, labels, gnet, num_steps=num_steps, guidance=2.5, dtype=torch.float64,
                        solver=solver, backend=backend)
-    expected = torch_multistep_sampler(net, noise, labels, gnet, num_steps=num_steps, guidance=2.5,
+    expected = transcription(net, noise, labels, gnet, num_steps=num_steps, guidance=2.5,
                                        dtype=torch.float64, solver=solver)
     err = (ours - expected).abs().max().item() / expected.abs().max().item()
     assert err < 1e-12, err
@@ -95,8 +102,8 @@ def test_float32_within_rounding(nets, solver, backend):
     noise = _noise(8, seed=5)
     for n in (8, 32):
         ours = edm_sampler(net, noise, None, gnet, num_steps=n, guidance=3.0, solver=solver, backend=backend)
-        ref32 = torch_multistep_sampler(net, noise, None, gnet, num_steps=n, guidance=3.0, solver=solver)
-        ref64 = torch_multistep_sampler(net, noise, None, gnet, num_steps=n, guidance=3.0, dtype=torch.float64,
+        ref32 = transcription(net, noise, None, gnet, num_steps=n, guidance=3.0, solver=solver)
+        ref64 = transcription(net, noise, None, gnet, num_steps=n, guidance=3.0, dtype=torch.float64,
                                         solver=solver)
         scale = ref64.abs().max().item()
         assert ours.dtype == torch.float32
@@ -127,7 +134,7 @@ def test_interval_callable_and_per_sample_weight(nets, solver):
 
     ours = edm_sampler(net, noise, None, counted, num_steps=n, guidance=weight, guidance_interval=interval,
                        dtype=torch.float64, solver=solver)
-    expected = torch_multistep_sampler(_guided_model(net, gnet, None, weight, interval), noise, num_steps=n,
+    expected = transcription(_guided_model(net, gnet, None, weight, interval), noise, num_steps=n,
                                        dtype=torch.float64, solver=solver)
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
     t = karras_schedule(n, 0.002, 80.0, 7.0, dtype=torch.float64).tolist()[:n]
@@ -144,7 +151,7 @@ def test_cfg_batched_one_network(solver):
     ours = edm_sampler(calls, noise, labels, calls, num_steps=10, guidance=4.0, dtype=torch.float64, solver=solver,
                        guide_labels=uncond)
     assert len(calls.ts) == 10  # one batched call per step
-    expected = torch_multistep_sampler(_guided_model(net, net, labels, lambda s: 4.0, guide_labels=uncond), noise,
+    expected = transcription(_guided_model(net, net, labels, lambda s: 4.0, guide_labels=uncond), noise,
                                        num_steps=10, dtype=torch.float64, solver=solver)
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 

@@ -4,7 +4,7 @@ The "checkout" is tests/edm_standin: our own stand-ins for edm2's generate_image
 and generate_images, written from the reference's documented behaviour), dnnlib, torch_utils and
 training (a small Precond and the pixel encoder); no edm2 code.  The check must pass on it, and
 fail when our generator is broken the ways that matter (label drawn before the noise, no label draw
-under --class, file layout, batch split).  The real checkout is run by hand (see the README).
+under --class, file layout, batch split).  The real checkout is run by hand (see docs/verification.md).
 """
 
 from __future__ import annotations

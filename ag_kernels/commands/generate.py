@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s-noise", "--S_noise", dest="s_noise", type=float, default=1.0)
     p.add_argument("--solver", choices=SOLVER_CHOICES, default="heun",
                    help="heun (default, the reference; 2N-1 evaluations), euler, or the multistep dpmpp_2m / "
-                        "dpmpp_3m (N evaluations, no --churn)")
+                        "dpmpp_3m / unipc (N evaluations, no --churn)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="sampler dtype")
     p.add_argument("--backend", default="auto", help="auto, torch, triton or ext")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
@@ -160,7 +160,7 @@ def _check_flags(args):
     _number("--s-noise", args.s_noise)
     _number("--s-min", args.s_min, finite=False)
     _number("--s-max", args.s_max, finite=False)
-    if args.churn > 0 and args.solver.startswith("dpmpp"):
+    if args.churn > 0 and args.solver not in ("heun", "euler"):
         raise UsageError(f"--churn must be 0 with --solver {args.solver}: a multistep solver reuses earlier denoised "
                          "outputs, which churn's fresh noise invalidates")
     if args.churn > 0 and args.s_min > args.s_max:
@@ -192,7 +192,7 @@ def _check_flags(args):
 
 
 # ag_kernels.SOLVERS, spelled out so that parsing the command line does not import torch (a test checks they agree).
-SOLVER_CHOICES = ("heun", "euler", "dpmpp_2m", "dpmpp_3m")
+SOLVER_CHOICES = ("heun", "euler", "dpmpp_2m", "dpmpp_3m", "unipc")
 
 # Keyword names in messages from the Python API, as the flags that set them.
 _FLAGS = {"batch_size": "--batch", "class_idx": "--class", "num_steps": "--steps", "noise_shape": "--shape",

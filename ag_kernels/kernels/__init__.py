@@ -9,11 +9,11 @@ Nothing here imports another wing.
 
 from ._backends import _load_ext, available_backends
 from .ops import PreparedSteps, euler_step, guided_denoise, guided_score, heun_step, multistep_step
-from .reference import torch_edm_sampler, torch_multistep_sampler
+from .reference import torch_edm_sampler, torch_multistep_sampler, torch_unipc_sampler
 
 # Load the compiled ops now (guarded): one warning if they are missing, and the fakes that
 # torch.compile needs are registered before any tracing.
 _load_ext(warn=True)
 
 __all__ = ["guided_denoise", "euler_step", "heun_step", "guided_score", "multistep_step", "PreparedSteps",
-           "available_backends", "torch_edm_sampler", "torch_multistep_sampler"]
+           "available_backends", "torch_edm_sampler", "torch_multistep_sampler", "torch_unipc_sampler"]

@@ -102,6 +102,15 @@ def available_backends(device: Union[str, torch.device, None] = "cpu") -> List[s
 
     >>> available_backends("cpu")[0]   # what backend="auto" runs on CPU tensors (extension built)
     'ext'
+
+    Args:
+        device: a device or its name ("cpu", "cuda", "cuda:1", ...); None means the CPU.
+
+    Returns:
+        A list of backend names from "ext", "triton" and "torch"; "torch" is always usable.
+
+    Raises:
+        RuntimeError: ``device`` is not a device name torch knows (torch's own error).
     """
     device = torch.device(device if device is not None else "cpu")
     return [b for b in _auto_order(device) if _unavailable_reason(b, device) is None]

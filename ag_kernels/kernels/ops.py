@@ -267,6 +267,12 @@ def guided_denoise(
 
     Returns:
         D_w, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype, or ``dtype`` not float32/float64.
+        ValueError: shapes, devices or per-sample lengths that do not match, a non-finite weight, ``out``
+            partly overlapping an input, ``out=`` while an operand requires grad, or a backend that is
+            unknown or unavailable on the device.
     """
     cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and dtype in X_DTYPES and _fast_numbers((None,), guidance) \
@@ -314,7 +320,8 @@ def euler_step(
 
     Args:
         x: the current sample x_hat (float32/float64).
-        d_main, d_guide: the networks' outputs at (x, sigma); d_guide=None for no guidance.
+        d_main: the main network's output D_1 at (x, sigma), any float dtype, x's shape.
+        d_guide: the guiding network's output D_0 at (x, sigma), or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         sigma: the current noise level t_hat (> 0; number or per-sample tensor).
         sigma_next: the next noise level t_next (>= 0; 0 on the last step of a schedule).
@@ -326,6 +333,12 @@ def euler_step(
 
     Returns:
         x_next (the Euler prediction x'), as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype.
+        ValueError: shapes, devices or per-sample lengths that do not match, sigma not > 0, sigma_next < 0
+            or a non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand
+            requires grad, or a backend that is unknown or unavailable on the device.
     """
     cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_floats(guidance, sigma, sigma_next, False) and _fast_tensors(
@@ -378,7 +391,8 @@ def heun_step(
     Args:
         x_hat: the sample at the start of the step (float32/float64).
         x_euler: the Euler prediction at sigma_next (x_hat's shape and dtype).
-        d_main, d_guide: the networks' outputs at (x_euler, sigma_next); d_guide=None for none.
+        d_main: the main network's output D_1 at (x_euler, sigma_next), any float dtype.
+        d_guide: the guiding network's output D_0 there, or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         sigma: the noise level t_hat at x_hat (> 0).
         sigma_next: the noise level t_next at x_euler (> 0: it divides).
@@ -390,6 +404,12 @@ def heun_step(
 
     Returns:
         x_next, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype.
+        ValueError: shapes, devices or per-sample lengths that do not match, sigma or sigma_next not > 0 or
+            a non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand
+            requires grad, or a backend that is unknown or unavailable on the device.
     """
     cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_floats(guidance, sigma, sigma_next, True) and _fast_tensors(
@@ -433,7 +453,8 @@ def guided_score(
 
     Args:
         x: the noisy sample (float32/float64).
-        d_main, d_guide: the networks' outputs at (x, sigma); d_guide=None for no guidance.
+        d_main: the main network's output D_1 at (x, sigma), any float dtype, x's shape.
+        d_guide: the guiding network's output D_0 at (x, sigma), or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         sigma: the noise level (> 0; number or per-sample tensor).
         out: optional result tensor (x's shape and dtype); may be ``x`` itself.
@@ -444,6 +465,12 @@ def guided_score(
 
     Returns:
         The score, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype.
+        ValueError: shapes, devices or per-sample lengths that do not match, sigma not > 0 or a non-finite
+            coefficient, ``out`` partly overlapping an input, ``out=`` while an operand requires grad, or a
+            backend that is unknown or unavailable on the device.
     """
     cfg = () if d_uncond is None else _fast_cfg(d_uncond, d_main, cfg_scale)
     if cfg is not None and _fast_numbers(_SCORE_BOUNDS, guidance, sigma) and _fast_tensors(
@@ -480,6 +507,8 @@ def multistep_step(
     write: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    corrector=None,
+    corrected: Optional[torch.Tensor] = None,
     d_uncond: Optional[torch.Tensor] = None,
     cfg_scale=1.0,
 ) -> torch.Tensor:
@@ -493,7 +522,8 @@ def multistep_step(
 
     Args:
         x: the sample at the step's noise level (float32/float64).
-        d_main, d_guide: the networks' outputs at x; d_guide=None for no guidance.
+        d_main: the main network's output D_1 at x, any float dtype, x's shape.
+        d_guide: the guiding network's output D_0 at x, or None for no guidance.
         guidance: the weight w (number or per-sample tensor [B]).
         history: the earlier denoised outputs, a contiguous tensor [K, *x.shape] in x's dtype, K >= 1,
             updated in place; slots that are not read may hold anything (they are not read).
@@ -503,12 +533,26 @@ def multistep_step(
         write: the slot that receives D_w, or None.
         out: optional result tensor (x's shape and dtype); may be ``x`` itself, not history.
         backend: "auto", "torch", "triton" or "ext".
+        corrector: None, or ``(a_c, c)`` with c 1 to 3 real numbers: a predictor-corrector step
+            (UniPC, Zhao et al. 2023).  ``x`` is then the previous corrected sample; the op first
+            forms ``x_c = a_c x + c[0] D_w + c[1] history[read[0]] + c[2] history[read[1]]``, writes it
+            into ``corrected``, and predicts ``x_next`` from x_c (in place of x) as above.  b and c are
+            zero-padded to the slots read: ``read`` names max(len(b), len(c)) - 1 slots.
+        corrected: with ``corrector``, the tensor that receives x_c (x's shape and dtype); may be ``x``
+            itself, not ``out`` or history.
         d_uncond: the main network's unconditional output D_u at the same point (x's shape), or None
             for no CFG term (the default).
         cfg_scale: the CFG weight w_cfg (number or per-sample tensor [B]); ignored without d_uncond.
 
     Returns:
         x_next, as a new tensor or in ``out``.
+
+    Raises:
+        TypeError: an operand of the wrong type or dtype, or ``b`` not a tuple of 1 to 3 numbers.
+        ValueError: shapes, devices or per-sample lengths that do not match; ``history`` of the wrong shape,
+            device or layout, or sharing memory with an operand; ``read``/``write`` not slots of it; a
+            non-finite coefficient, ``out`` partly overlapping an input, ``out=`` while an operand requires
+            grad, or a backend that is unknown or unavailable on the device.
     """
     _check_inputs("x", x, d_main, d_guide, d_uncond=d_uncond)
     _check_tensor("history", history, (x.dtype,))
@@ -524,29 +568,87 @@ def multistep_step(
             raise ValueError(f"{name} shares memory with history; pass a separate tensor")
     slots = history.shape[0]
     a = _coefficient("a", a)
-    if not isinstance(b, (tuple, list)) or not 1 <= len(b) <= 3:
-        raise TypeError(f"b must be a tuple of 1 to 3 real numbers, got {b!r}")
-    b = tuple(_coefficient(f"b[{k}]", v) for k, v in enumerate(b))
-    if not isinstance(read, (tuple, list)) or len(read) != len(b) - 1:
-        raise ValueError(f"read must name len(b) - 1 = {len(b) - 1} history slots, got {read!r}")
+    b = _coefficients("b", b)
+    terms = len(b)
+    if corrector is not None:
+        if not isinstance(corrector, (tuple, list)) or len(corrector) != 2:
+            raise TypeError(f"corrector must be a pair (a_c, c) or None, got {corrector!r}")
+        a_c = _coefficient("corrector[0]", corrector[0])
+        c = _coefficients("corrector[1]", corrector[1])
+        terms = max(terms, len(c))
+        _check_corrected(corrected, x, history, d_main, d_guide, out, d_uncond)
+    elif corrected is not None:
+        raise ValueError("corrected is given but corrector is None; pass both or neither")
+    if not isinstance(read, (tuple, list)) or len(read) != terms - 1:
+        what = "len(b) - 1" if corrector is None else "max(len(b), len(corrector[1])) - 1"
+        raise ValueError(f"read must name {what} = {terms - 1} history slots, got {read!r}")
     for name, k in [(f"read[{j}]", r) for j, r in enumerate(read)] + ([("write", write)] if write is not None else []):
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < slots:
             raise ValueError(f"{name} must be a history slot, an int in [0, {slots}), got {k!r}")
     batch, device = _batch(x), x.device
     d_guide, g = _guidance(d_guide, guidance, batch, device, x.dtype)
-    d_uncond, c = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
+    d_uncond, cfg = _guidance(d_uncond, cfg_scale, batch, device, x.dtype, "cfg_scale")
+    b = b + (0.0,) * (terms - len(b))
     coefficients = (a,) + b + (0.0,) * (3 - len(b))
     slots_used = tuple(int(r) for r in read) + (-1,) * (2 - len(read)) + (-1 if write is None else int(write),)
 
+    if corrector is None:
+        def reference_fn():
+            x_next, D_w = reference.torch_multistep_step(x, d_main, d_guide, _value(g), a, b,
+                                                         [history[r] for r in read], **_cfg(d_uncond, cfg))
+            if write is not None:
+                history[write].copy_(D_w)
+            return x_next
+
+        return _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
+                         lead=(history,), trail=coefficients + slots_used, uncond=_uncond(d_uncond, cfg))
+
+    c = c + (0.0,) * (terms - len(c))
+
     def reference_fn():
-        x_next, D_w = reference.torch_multistep_step(x, d_main, d_guide, _value(g), a, b, [history[r] for r in read],
-                                                     **_cfg(d_uncond, c))
+        x_next, x_c, D_w = reference.torch_unipc_step(x, d_main, d_guide, _value(g), a_c, c, a, b,
+                                                      [history[r] for r in read], **_cfg(d_uncond, cfg))
+        corrected.copy_(x_c)
         if write is not None:
             history[write].copy_(D_w)
         return x_next
 
-    return _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
-                     lead=(history,), trail=coefficients + slots_used, uncond=_uncond(d_uncond, c))
+    if _needs_grad([x, d_main, d_guide, d_uncond], [g, cfg]):
+        backend = "torch"  # differentiated through the reference (the kernels have no corrector derivative)
+    # The kernel writes x_c in place when `corrected` is laid out as the operands are (contiguous, or
+    # x itself); otherwise into a scratch tensor copied out after.
+    direct = corrected.is_contiguous() and (x.is_contiguous() or not _shares_storage(corrected, x))
+    target = corrected if direct else torch.empty(x.shape, dtype=x.dtype, device=device)
+    result = _dispatch("multistep_step", x, x.dtype, out, [x, d_main, d_guide], [g], backend, reference_fn,
+                       lead=(history,), trail=coefficients + slots_used + (target, a_c) + c + (0.0,) * (3 - len(c)),
+                       uncond=_uncond(d_uncond, cfg))
+    if target is not corrected and resolve_backend(backend, device) != "torch" and x.numel():
+        corrected.copy_(target)
+    return result
+
+
+def _coefficients(name: str, values) -> Tuple[float, ...]:
+    if not isinstance(values, (tuple, list)) or not 1 <= len(values) <= 3:
+        raise TypeError(f"{name} must be a tuple of 1 to 3 real numbers, got {values!r}")
+    return tuple(_coefficient(f"{name}[{k}]", v) for k, v in enumerate(values))
+
+
+def _check_corrected(corrected, x, history, d_main, d_guide, out, d_uncond=None) -> None:
+    """``corrected``: x's shape, dtype and device; x itself (the same view) or apart from every operand."""
+    if corrected is None:
+        raise ValueError("corrector is given but corrected is None: pass the tensor that receives the corrected "
+                         "sample (it may be x itself)")
+    _check_tensor("corrected", corrected, (x.dtype,), x, "x")
+    if corrected.numel() and torch._debug_has_internal_overlap(corrected) == 1:
+        raise ValueError("corrected has overlapping memory (an expanded tensor?); pass a tensor with distinct elements")
+    for name, t in (("history", history), ("d_main", d_main), ("d_guide", d_guide), ("d_uncond", d_uncond), ("out", out),
+                    ("x", x)):
+        if not isinstance(t, torch.Tensor) or not t.numel() or not corrected.numel():
+            continue
+        if name == "x" and corrected.data_ptr() == x.data_ptr() and corrected.stride() == x.stride():
+            continue  # in place: each element of x is read before its corrected value is written
+        if _shares_storage(corrected, t):
+            raise ValueError(f"corrected shares memory with {name}; pass a separate tensor (or x itself)")
 
 
 def _coefficient(name: str, value) -> float:
@@ -589,6 +691,14 @@ class PreparedSteps:
     every step); what remains per call is the layout and aliasing of the networks' outputs.  The
     common step goes straight to the backend's kernel op; any other falls back to the public op,
     which checks and lays out everything.
+
+    Args:
+        x: a sample of the run (float32/float64): its dtype and device fix the kernels.
+        backend: "auto", "torch", "triton" or "ext".
+
+    Raises:
+        TypeError: ``x`` is not a float32/float64 tensor.
+        ValueError: a backend that is unknown or unavailable on ``x``'s device.
     """
 
     def __init__(self, x: torch.Tensor, *, backend: str = "auto"):
@@ -639,19 +749,30 @@ class PreparedSteps:
         return heun_step(x_hat, x_euler, d_main, d_guide, w, t_hat, t_next, out=out, backend=self.backend,
                          d_uncond=d_uncond, cfg_scale=cfg_scale)
 
-    def multistep(self, x, d_main, d_guide, w, history, step, out: torch.Tensor, *,
-                  d_uncond: Optional[torch.Tensor] = None, cfg_scale=1.0) -> torch.Tensor:
-        """``out`` = the multistep update ``step`` (a, b, read, write: see :func:`multistep_step`) from x."""
+
+    def multistep(self, x, d_main, d_guide, w, history, step, out: torch.Tensor,
+                  corrected: Optional[torch.Tensor] = None, *, d_uncond: Optional[torch.Tensor] = None,
+                  cfg_scale=1.0) -> torch.Tensor:
+        """``out`` = the multistep update ``step`` (a, b, read, write and an optional corrector whose
+        x_c goes to ``corrected``: see :func:`multistep_step`) from x."""
         kernel = None if self._kernels is None else self._kernels.get("multistep_step")
-        if kernel is not None and self._direct(out, (x, d_main, d_guide), d_uncond, d_main):
+        ms = step.corrector
+        if kernel is not None and self._direct(out, (x, d_main, d_guide), d_uncond, d_main) and (
+                ms is None or corrected is x and self._direct(corrected, (d_main, d_guide, out), d_uncond, d_main)):
             g, g_vec = _weight(d_guide, w)
             b = step.b + (0.0,) * (3 - len(step.b))
             read = step.read + (-1,) * (2 - len(step.read))
-            kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write,
-                   *_cfg_weight(d_uncond, cfg_scale))
+            cfg = {} if d_uncond is None else dict(zip(("d_uncond", "c_vec", "c"), _cfg_weight(d_uncond, cfg_scale)))
+            if ms is None:
+                kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write, **cfg)
+            else:
+                c = ms[1] + (0.0,) * (3 - len(ms[1]))
+                kernel(out, history, x, d_main, d_guide, g_vec, g, step.a, *b, *read, step.write, corrected, ms[0], *c,
+                       **cfg)
             return out
         return multistep_step(x, d_main, d_guide, w, history, step.a, step.b, read=step.read, write=step.write,
-                              out=out, backend=self.backend, d_uncond=d_uncond, cfg_scale=cfg_scale)
+                              out=out, backend=self.backend, corrector=ms, corrected=corrected, d_uncond=d_uncond,
+                              cfg_scale=cfg_scale)
 
 
 def _weight(d_guide, w):

@@ -28,8 +28,10 @@ __all__ = [
     "torch_heun_step",
     "torch_guided_score",
     "torch_multistep_step",
+    "torch_unipc_step",
     "torch_edm_sampler",
     "torch_multistep_sampler",
+    "torch_unipc_sampler",
 ]
 
 
@@ -95,10 +97,24 @@ def torch_multistep_step(x, d_main, d_guide, guidance, a, b, previous, *, d_unco
     x_next = a x + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2} (``previous`` = [D_{i-1}, D_{i-2}][:len(b) - 1]),
     summed left to right, as every backend does; DPM-Solver++ (Lu et al. 2022) is of this form."""
     D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
+    return _linear_update(a, x, b, D_w, previous), D_w
+
+
+def _linear_update(a, x, b, D_w, previous):
+    """a x + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2}, summed left to right."""
     x_next = a * x + b[0] * D_w
     for b_k, D_k in zip(b[1:], previous):
         x_next = x_next + b_k * D_k
-    return x_next, D_w
+    return x_next
+
+
+def torch_unipc_step(x, d_main, d_guide, guidance, a_c, c, a, b, previous, *, d_uncond=None, cfg_scale=1.0):
+    """A multistep update preceded by a corrector (UniPC, Zhao et al. 2023): (x_next, x_c, D_w) with
+    x_c = a_c x + c_0 D_w + c_1 D_{i-1} + c_2 D_{i-2} (x: the previous corrected sample) and
+    x_next = a x_c + b_0 D_w + b_1 D_{i-1} + b_2 D_{i-2}, each summed left to right."""
+    D_w = torch_guided_denoise(d_main, d_guide, guidance, x.dtype, d_uncond=d_uncond, cfg_scale=cfg_scale)
+    x_c = _linear_update(a_c, x, c, D_w, previous)
+    return _linear_update(a, x_c, b, D_w, previous), x_c, D_w
 
 
 def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
@@ -111,6 +127,30 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
     of the EDM2 reference ``edm_sampler``; no edm2 code is copied.  Network outputs are cast to
     ``dtype`` before the blend, as the reference does.  :func:`ag_kernels.edm_sampler` is the fast
     drop-in; this one is what the tests and the benchmark compare it with.
+
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        noise: the starting noise [B, ...] (scaled by sigma_max here).
+        labels: class labels passed to the networks, or None.
+        gnet: the guiding network D_0, or None (then ``guidance`` must be 1).
+        num_steps: schedule points N (the last step is Euler only).
+        sigma_min: the smallest noise level of the Karras schedule.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent.
+        guidance: the weight w.
+        S_churn: churn strength (0: the deterministic ODE sampler).
+        S_min: churn only for t >= S_min.
+        S_max: churn only for t <= S_max.
+        S_noise: scale of the churn noise.
+        dtype: the sampler's dtype.
+        randn_like: draws the churn noise, once per churned step.
+
+    Returns:
+        The final samples, ``noise``'s shape, in ``dtype``.
+
+    Raises:
+        Exception: whatever torch or the networks raise.  As the reference, it checks no
+            arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
     def guided_denoiser(x, t):
@@ -163,6 +203,26 @@ def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, si
     2M: D' = (1 + 1/(2r)) D_w - D_prev / (2r), r = h_prev / h; 3M: the first-order update plus
     phi_2 d1 - phi_3 d2 from the divided differences of the last three outputs.  One evaluation of
     D_w per schedule point, t_0 > ... > t_{N-1} of Karras et al. (2022, Eq. 5), then t_N = 0.
+
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        noise: the starting noise [B, ...] (scaled by t_0 here).
+        labels: class labels passed to the networks, or None.
+        gnet: the guiding network D_0, or None (then ``guidance`` must be 1).
+        num_steps: schedule points N, one evaluation of D_w each.
+        sigma_min: the smallest noise level of the Karras schedule.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent.
+        guidance: the weight w.
+        dtype: the sampler's dtype (float64 for the oracle).
+        solver: "dpmpp_2m" or "dpmpp_3m".
+
+    Returns:
+        The final samples, ``noise``'s shape, in ``dtype``.
+
+    Raises:
+        Exception: whatever torch or the networks raise.  As the reference, it checks no
+            arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
     def guided_denoiser(x, t):
@@ -207,4 +267,111 @@ def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, si
                     x = x_first + phi_2 * d1 - phi_3 * d2
             h_prev = [h] + h_prev[:1]
         D_prev = [D] + D_prev[:1]
+    return x
+
+
+def torch_unipc_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
+                        guidance=1, dtype=torch.float32, order=2, sigmas=None):
+    """UniPC-p (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2") on the guided denoiser, in data prediction: the oracle.
+
+    EDM's x = x_0 + sigma n has alpha = 1 and lambda = -log sigma.  Step i evaluates D_i at
+    (x_i, t_i); UniC-p then corrects the previous step from x^c_{i-1} with D_i (no extra
+    evaluation), and UniP-p predicts x_{i+1} from x^c_i.  With h = lambda_t - lambda_s0 over a
+    step from s0 to t, r_m = (lambda_{s_m} - lambda_{s0}) / h for the earlier points s_m,
+    D1_m = (D_{s_m} - D_{s0}) / r_m, B(h) = e^{-h} - 1 and g_k = k! h phi_{k+1}(-h) / B(h):
+
+      UniP-p: x_t = (t / s0) x_s0 - (e^{-h} - 1) D_s0 - B(h) sum_m rho_m D1_m,
+              R rho = g over m, k < p (rho = 1/2 for p = 2, as the published code);
+      UniC-p: the same from x^c_{s0} with one more point, D_t itself at r = 1: rho solves
+              the p x p system over m = 1..p-1 and r = 1 (rho = 1/2 for p = 1).
+
+    The order warms up (p_i = min(order, i + 1)), drops on the final steps (p_i <= N - i) and the
+    corrector takes the previous predictor's order; the last step lands on t_N = 0, x_N = D_{N-1}.
+
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        noise: the starting noise [B, ...] (scaled by t_0 here).
+        labels: class labels passed to the networks, or None.
+        gnet: the guiding network D_0, or None (then ``guidance`` must be 1).
+        num_steps: schedule points N, one evaluation of D_w each (ignored when ``sigmas`` is given).
+        sigma_min: the smallest noise level of the Karras schedule.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent.
+        guidance: the weight w.
+        dtype: the sampler's dtype (float64 for the oracle).
+        order: the UniPC order p (1 to 3; the sampler's ``solver="unipc"`` is p = 2).
+        sigmas: the schedule t_0 > ... > t_{N-1} > t_N = 0 (a sequence), or None for Karras et al.
+            (2022, Eq. 5) from the four arguments above.
+
+    Returns:
+        The final samples, ``noise``'s shape, in ``dtype``.
+
+    Raises:
+        Exception: whatever torch or the networks raise.  As the reference, it checks no
+            arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
+    """
+
+    def guided_denoiser(x, t):
+        d_main = net(x, t, labels).to(dtype)
+        if guidance == 1:
+            return d_main
+        return gnet(x, t, labels).to(dtype).lerp(d_main, guidance)
+
+    if sigmas is None:
+        i = torch.arange(num_steps, dtype=dtype, device=noise.device)
+        hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        sigmas = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
+        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=dtype, device=noise.device)])
+    sigmas = torch.as_tensor(sigmas, dtype=dtype, device=noise.device)
+    t = sigmas.tolist()
+    n = len(t) - 1
+    lam = [math.inf if s == 0 else -math.log(s) for s in t]
+
+    def rhs(h, p):
+        # g_k = k! h phi_{k+1}(-h) / B(h), k = 1..p, from phi_{k+1}(z) = (phi_k(z) - 1/k!) / z.
+        hh = -h
+        B = math.expm1(hh)
+        hphi, fact, g = math.expm1(hh) / hh - 1, 1, []
+        for k in range(1, p + 1):
+            g.append(hphi * fact / B)
+            fact *= k + 1
+            hphi = hphi / hh - 1 / fact
+        return g
+
+    def solve(rks, g):
+        R = torch.tensor([[r ** k for r in rks] for k in range(len(rks))], dtype=torch.float64)
+        return torch.linalg.solve(R, torch.tensor(g, dtype=torch.float64)).tolist()
+
+    def update(x_s0, j0, j_t, Ds, p, D_t=None):
+        """From x at t[j0] to t[j_t], with D_{s0} = Ds[j0] and earlier points Ds[j0 - m]; D_t: UniC."""
+        if t[j_t] == 0:
+            return Ds[j0]
+        h = lam[j_t] - lam[j0]
+        h_phi_1 = math.expm1(-h)
+        B = h_phi_1  # bh2: B(h) = e^{-h} - 1 (data prediction)
+        rks = [(lam[j0 - m] - lam[j0]) / h for m in range(1, p)]
+        D1 = [(Ds[j0 - m] - Ds[j0]) / r for m, r in zip(range(1, p), rks)]
+        x = (t[j_t] / t[j0]) * x_s0 - h_phi_1 * Ds[j0]
+        if D_t is None:
+            if not D1:
+                return x
+            rho = [0.5] if p == 2 else solve(rks, rhs(h, p)[:-1])
+            return x - B * sum(r * d for r, d in zip(rho, D1))
+        rho = [0.5] if p == 1 else solve(rks + [1.0], rhs(h, p))
+        res = rho[-1] * (D_t - Ds[j0])
+        for r, d in zip(rho[:-1], D1):
+            res = res + r * d
+        return x - B * res
+
+    x = noise.to(dtype) * sigmas[0]
+    x_c, Ds, p_prev = None, [], 0
+    for i in range(n):
+        D = guided_denoiser(x, sigmas[i])
+        if i > 0:
+            x_c = update(x_c, i - 1, i, Ds, p_prev, D_t=D)  # UniC: x^c_i from x^c_{i-1}
+        else:
+            x_c = x
+        Ds.append(D)
+        p_prev = min(order, i + 1, n - i)
+        x = update(x_c, i, i + 1, Ds, p_prev)  # UniP: x_{i+1} from x^c_i
     return x

@@ -83,12 +83,16 @@ if triton is not None:
         out_ptr, hist_ptr, x_ptr, dm_ptr, dg_ptr, g_ptr, g_stride, g_val: tl.float64,
         a_val: tl.float64, b0_val: tl.float64, b1_val: tl.float64, b2_val: tl.float64,
         read1, read2, write, n_elements, row_numel,
+        xc_ptr, ac_val: tl.float64, c0_val: tl.float64, c1_val: tl.float64, c2_val: tl.float64,
         du_ptr, c_ptr, c_stride, c_val: tl.float64,
         HAS_GUIDE: tl.constexpr, G_VEC: tl.constexpr, READ1: tl.constexpr, READ2: tl.constexpr,
-        WRITE: tl.constexpr, BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr, C_VEC: tl.constexpr,
+        WRITE: tl.constexpr, CORRECT: tl.constexpr, BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr,
+        C_VEC: tl.constexpr,
     ):
         # A linear multistep update (DPM-Solver++, Lu et al. 2022): x_next = a x + b0 D_w + b1 H[read1]
         # + b2 H[read2], summed in that order as the torch reference; then H[write] = D_w.  64-bit offsets.
+        # CORRECT (UniPC, Zhao et al. 2023): x is first corrected, x_c = ac x + c0 D_w + c1 H[read1] +
+        # c2 H[read2], stored at xc_ptr, and the update starts from x_c.
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n_elements
@@ -101,13 +105,23 @@ if triton is not None:
             cfg = _load_coefficient(c_ptr, c_stride, offs // row_numel, mask, True)
         D_w = _guided(dm_ptr, dg_ptr, du_ptr, offs, mask, w, cfg, dtype, HAS_GUIDE, HAS_UNCOND)
         x = tl.load(x_ptr + offs, mask=mask)
-        result = tl.full((), a_val, tl.float64).to(dtype) * x + tl.full((), b0_val, tl.float64).to(dtype) * D_w
         # Both slots are read before D_w is written: the write slot may be a read one.
         if READ1:
             h1 = tl.load(hist_ptr + _slot_offsets(read1, n_elements, offs), mask=mask)
-            result = result + tl.full((), b1_val, tl.float64).to(dtype) * h1
         if READ2:
             h2 = tl.load(hist_ptr + _slot_offsets(read2, n_elements, offs), mask=mask)
+        if CORRECT:
+            x = tl.full((), ac_val, tl.float64).to(dtype) * x + tl.full((), c0_val, tl.float64).to(dtype) * D_w
+            if READ1:
+                x = x + tl.full((), c1_val, tl.float64).to(dtype) * h1
+            if READ2:
+                x = x + tl.full((), c2_val, tl.float64).to(dtype) * h2
+            x = x.to(dtype)
+            tl.store(xc_ptr + offs, x, mask=mask)
+        result = tl.full((), a_val, tl.float64).to(dtype) * x + tl.full((), b0_val, tl.float64).to(dtype) * D_w
+        if READ1:
+            result = result + tl.full((), b1_val, tl.float64).to(dtype) * h1
+        if READ2:
             result = result + tl.full((), b2_val, tl.float64).to(dtype) * h2
         tl.store(out_ptr + offs, result.to(dtype), mask=mask)
         if WRITE:
@@ -252,8 +266,8 @@ def _cfg_args(d_uncond, c_vec, c, dummy):
             c_vec.stride(0) if c_vec is not None else 0, float(c))
 
 
-def _multistep_launch(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block, *,
-                      d_uncond=None, c_vec=None, c=1.0):
+def _multistep_launch(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block,
+                      corrected=None, ac=0.0, c0=0.0, c1=0.0, c2=0.0, *, d_uncond=None, c_vec=None, c=1.0):
     """(grid, args, constexprs) of the ``_multistep_kernel`` launch writing ``out`` (see :func:`_step_launch`)."""
     n = out.numel()
     rows = out.shape[0] if ((g_vec is not None or c_vec is not None) and out.dim() > 0) else 1
@@ -261,11 +275,13 @@ def _multistep_launch(out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2,
         out, history, x, d_main, d_guide if d_guide is not None else out,
         g_vec if g_vec is not None else out, g_vec.stride(0) if g_vec is not None else 0, float(g),
         float(a), float(b0), float(b1), float(b2), max(read1, 0), max(read2, 0), max(write, 0), n, n // rows,
+        corrected if corrected is not None else out, float(ac), float(c0), float(c1), float(c2),
         *_cfg_args(d_uncond, c_vec, c, out),
     )
     constexprs = dict(
         HAS_GUIDE=d_guide is not None, G_VEC=g_vec is not None, READ1=read1 >= 0, READ2=read2 >= 0,
-        WRITE=write >= 0, BLOCK=block, HAS_UNCOND=d_uncond is not None, C_VEC=c_vec is not None,
+        WRITE=write >= 0, CORRECT=corrected is not None, BLOCK=block, HAS_UNCOND=d_uncond is not None,
+        C_VEC=c_vec is not None,
     )
     return (triton.cdiv(n, block),), args, constexprs
 
@@ -345,15 +361,37 @@ def triton_guided_score(
 def triton_multistep_step(
     out: torch.Tensor, history: torch.Tensor, x: torch.Tensor, d_main: torch.Tensor, d_guide: Optional[torch.Tensor],
     g_vec: Optional[torch.Tensor], g: float, a: float, b0: float, b1: float, b2: float, read1: int, read2: int,
-    write: int, d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
+    write: int, corrected: Optional[torch.Tensor] = None, ac: float = 0.0, c0: float = 0.0, c1: float = 0.0,
+    c2: float = 0.0, d_uncond: Optional[torch.Tensor] = None, c_vec: Optional[torch.Tensor] = None, c: float = 1.0,
 ) -> None:
-    """out = a x + b0 D_w + b1 history[read1] + b2 history[read2]; history[write] = D_w (slot -1: none)."""
+    """out = a x + b0 D_w + b1 history[read1] + b2 history[read2]; history[write] = D_w (slot -1: none).
+
+    With ``corrected`` (UniPC's corrector), x is replaced first by x_c = ac x + c0 D_w + c1 history[read1]
+    + c2 history[read2], which is also written into ``corrected`` (x itself, or a separate tensor)."""
     _check_history(out, history, read1, read2, write)
+    if corrected is not None:
+        _check_corrected(out, history, x, d_main, d_guide, corrected, d_uncond)
     if out.numel() == 0:
         return
     _run(_multistep_kernel, out, lambda block: _multistep_launch(
         out, history, x, d_main, d_guide, g_vec, g, a, b0, b1, b2, read1, read2, write, block,
-        d_uncond=d_uncond, c_vec=c_vec, c=c))
+        corrected, ac, c0, c1 if read1 >= 0 else 0.0, c2 if read2 >= 0 else 0.0, d_uncond=d_uncond, c_vec=c_vec, c=c))
+
+
+def _check_corrected(out, history, x, d_main, d_guide, corrected, d_uncond=None):
+    """The extension op's checks of ``corrected`` (csrc/step_args.cpp): the same errors and messages."""
+    op = "ag_kernels_triton::multistep_step"
+    if corrected.dtype != out.dtype:
+        raise TypeError(f"{op}: corrected must have out's dtype {out.dtype}, got {corrected.dtype}")
+    if corrected.device != out.device or corrected.shape != out.shape or not corrected.is_contiguous():
+        raise RuntimeError(f"{op}: corrected must be contiguous with out's shape {tuple(out.shape)} on {out.device}")
+    if not corrected.numel() or torch.compiler.is_compiling():
+        return
+    for t in (out, history, x, d_main, d_guide, d_uncond):
+        if t is None or (t is x and corrected.data_ptr() == x.data_ptr()):
+            continue
+        if _overlaps(corrected, t):
+            raise RuntimeError(f"{op}: corrected overlaps another operand; pass x itself or a separate tensor")
 
 
 def _check_history(out, history, read1, read2, write):
@@ -388,4 +426,4 @@ if triton is not None:
     euler_step_op = _register("euler_step", triton_euler_step)
     heun_step_op = _register("heun_step", triton_heun_step)
     guided_score_op = _register("guided_score", triton_guided_score)
-    multistep_step_op = _register("multistep_step", triton_multistep_step, ("out", "history"))
+    multistep_step_op = _register("multistep_step", triton_multistep_step, ("out", "history", "corrected"))

@@ -73,6 +73,15 @@ def save_net(net: nn.Module, path: PathLike) -> None:
     its constructor keyword arguments, JSON-like values only, in ``net.init_kwargs``.
     The file is written to a temporary name first and then renamed, so an interrupted save never
     leaves a truncated checkpoint at ``path``.
+
+    Args:
+        net: the network to save.
+        path: the file to write (replaced if it exists).
+
+    Raises:
+        TypeError: ``net`` is not an ``nn.Module``, is TorchScript (save that with ``net.save``),
+            is not of a registered class, or lacks JSON-like ``init_kwargs``.
+        OSError: the file cannot be written.
     """
     if isinstance(net, torch.jit.ScriptModule):
         raise TypeError("net is a TorchScript module: save it with net.save(path); load_net reads that format too")
@@ -331,6 +340,14 @@ def load_net(path: PathLike, *, device: Union[str, torch.device] = "cpu", allow_
     ``weights_only=False`` (plain pickles with ``pickle.load``), which runs whatever code the file
     names: only for trusted files.  The result must then be an ``nn.Module``, or a dict holding
     one under ``"ema"`` (the EDM2 snapshot layout).
+
+    Args:
+        path: the checkpoint file.
+        device: where the network's parameters go.
+        allow_pickle: allow full unpickling (runs code the file names: trusted files only).
+
+    Returns:
+        The network, in eval mode on ``device``.
 
     Raises:
         FileNotFoundError: no file at ``path``.

@@ -179,11 +179,23 @@ def use_checkout(folder: Path) -> None:
 
 def load_snapshot(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
                   allow_pickle: bool = False, flag: str = "--net"):
-    """(network, encoder or None) from an EDM2 snapshot pickle: its ``ema`` network in eval mode on
-    ``device`` and its ``encoder`` (None where the snapshot has none: a pixel-space model).
+    """Load an EDM2 snapshot pickle: its ``ema`` network and its ``encoder``.
 
-    Raises UnsafeCheckpointError without ``allow_pickle``, EDM2Error when the EDM2 code needed to
-    unpickle it is not importable (pass --edm2), CheckpointError for other unusable files.
+    Args:
+        path: the snapshot ``.pkl`` file.
+        device: where the network goes.
+        allow_pickle: must be True: a snapshot is a pickle, and loading it runs the code it names.
+        flag: the command-line flag named in error messages.
+
+    Returns:
+        (network, encoder): the network in eval mode on ``device``, and the encoder, or None where
+        the snapshot has none (a pixel-space model).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError: ``allow_pickle`` is False.
+        EDM2Error: the EDM2 code needed to unpickle it is not importable (pass ``--edm2``).
+        CheckpointError: any other unusable file.
     """
     path = Path(path)
     if not path.is_file():

@@ -24,6 +24,7 @@ __all__ = ["ARCHS", "register_arch", "get_arch", "TinyDenoiser"]
 
 #: Registered architectures: name -> nn.Module subclass.
 ARCHS: Dict[str, Type[nn.Module]] = {}
+"""Registered architectures by name (see :func:`register_arch`): what :func:`load_net` may build."""
 
 
 def register_arch(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
@@ -32,6 +33,17 @@ def register_arch(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
     The class must store its constructor keyword arguments (JSON-like values: str, int, float,
     bool, None, or lists/dicts of those) as ``self.init_kwargs``, so that :func:`save_net` can
     write them and :func:`load_net` can call ``cls(**init_kwargs)`` again.
+
+    Args:
+        name: the name checkpoints record for the class; unique.
+
+    Returns:
+        The decorator, which registers the class in :data:`ARCHS` and returns it unchanged.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string, or the decorated object is not an
+            ``nn.Module`` subclass.
+        ValueError: ``name`` is already registered to another class.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_arch: name must be a non-empty string, got {name!r}")
@@ -61,7 +73,17 @@ _LAZY_ARCHS = {"toy_mlp": "ag_kernels.toy.model"}
 
 
 def get_arch(name: str) -> Type[nn.Module]:
-    """The class registered as ``name``; a ValueError listing the registered names otherwise."""
+    """The class registered as ``name``.
+
+    Args:
+        name: a name given to :func:`register_arch`.
+
+    Returns:
+        The registered ``nn.Module`` subclass.
+
+    Raises:
+        ValueError: no class is registered as ``name`` (the message lists the registered names).
+    """
     if isinstance(name, str) and name not in ARCHS and name in _LAZY_ARCHS:
         importlib.import_module(_LAZY_ARCHS[name])
     try:
@@ -92,7 +114,8 @@ class TinyDenoiser(nn.Module):
     seeded with ``seed``, so the same kwargs always give the same network.
 
     Args:
-        img_channels, img_resolution: the image shape it takes.
+        img_channels: the channels of the images it takes.
+        img_resolution: their height and width.
         label_dim: number of classes (0: unconditional).  Labels are one-hot (or soft) [B, label_dim]
             or integer class indices [B]; None means all zeros (no class).
         channels: hidden width (a "guide" net can be a narrower one).
@@ -100,6 +123,10 @@ class TinyDenoiser(nn.Module):
         seed: the weights' random seed.
         out_dtype: dtype name of the returned tensor ("float32", "bfloat16", ...): the network
             computes in its parameters' dtype and casts the result, as a mixed-precision model would.
+
+    Raises:
+        ValueError: a size that is not an int of at least 1 (label_dim: 0), an odd emb_features, a
+            seed that is not an int, or an out_dtype that names no torch float dtype.
     """
 
     def __init__(self, img_channels: int = 3, img_resolution: int = 8, label_dim: int = 0, channels: int = 32,

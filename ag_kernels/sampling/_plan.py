@@ -11,8 +11,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# History length (earlier denoised outputs kept) of each multistep solver: its order minus one.
-MULTISTEP = {"dpmpp_2m": 1, "dpmpp_3m": 2}
+# History length (earlier denoised outputs kept) of each multistep solver: the most it reads at once.
+# UniPC-2's corrector reads D_{i-1} and D_{i-2} (its predictor only D_{i-1}).
+MULTISTEP = {"dpmpp_2m": 1, "dpmpp_3m": 2, "unipc": 2}
 
 
 def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float, *, dtype=torch.float32,
@@ -22,6 +23,21 @@ def karras_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
     Evaluated with the reference sampler's expression in ``dtype`` on ``device``, so the networks
     see the same noise levels.  With ``num_steps == 1`` the schedule is [sigma_max, 0] (the
     reference's formula divides by num_steps - 1 there).
+
+    Args:
+        num_steps: N >= 1, the number of noise levels before the final 0.
+        sigma_min: t_{N-1}, the smallest positive level.
+        sigma_max: t_0, the largest level.
+        rho: the exponent (7 in EDM): larger values spend more steps near sigma_min.
+        dtype: the dtype the expression is evaluated in.
+        device: where the result lives (default: the CPU).
+
+    Returns:
+        A tensor of N + 1 noise levels, decreasing, ending with 0.
+
+    Raises:
+        RuntimeError: from torch, for a negative ``num_steps``.  The values are not otherwise
+            checked here; the samplers check them once, naming the argument.
     """
     step_indices = torch.arange(num_steps, dtype=dtype, device=device)
     if num_steps > 1:
@@ -52,12 +68,16 @@ class _Multistep:
 
     H is the run's history of earlier denoised outputs, a ring of ``len`` slots: the output of step
     i lives in slot i % len, so no step moves the history, it only overwrites its oldest entry.
+    With a ``corrector`` (a_c, c) (UniPC), x is the previous corrected sample: the step first
+    corrects it, x_c = a_c x + c[0] D_w + c[1] H[read[0]] + c[2] H[read[1]], keeps x_c, and
+    predicts from it; b and c are zero-padded to the slots read.
     """
 
     a: float
     b: Tuple[float, ...]
     read: Tuple[int, ...]
     write: int
+    corrector: Optional[Tuple[float, Tuple[float, ...]]] = None
 
 
 def _dpmpp_coefficients(solver: str, t: List[float], i: int) -> Tuple[float, Tuple[float, ...]]:
@@ -96,11 +116,55 @@ def _dpmpp_coefficients(solver: str, t: List[float], i: int) -> Tuple[float, Tup
     return a, (phi_1 + c0 / r0, -c0 / r0 + c1 / r1, -c1 / r1)
 
 
+def _unipc_coefficients(t: List[float], i: int):
+    """(a, b), (a_c, c) of step i of UniPC-2 with B(h) = e^h - 1 ("bh2"; Zhao et al. 2023), in float64.
+
+    In data prediction with lambda = -log sigma (EDM: alpha = 1), phi_1 = 1 - e^{-h}:
+    UniP (predictor, t[i] -> t[i + 1]) is DPM-Solver++(2M)'s update,
+    x_next = (t_{i+1}/t_i) x_c + phi_1 D_i + phi_1 (D_i - D_{i-1}) / (2 r), r = h_{i-1}/h,
+    first order on the first step, and x_next = D_i on the last (t_{i+1} = 0).  UniC (corrector,
+    t[i-1] -> t[i]) re-does the previous step from x_c(i-1) with the output D_i the step just got,
+    at no extra evaluation: order 1 (after a first-order predictor) is the trapezoid
+    x_c = (t_i/t_{i-1}) x_c(i-1) + phi_1 (D_{i-1} + D_i)/2; order 2 solves the 2x2 system
+    [[1, 1], [r_1, 1]] rho = [B_1, B_2] with r_1 = (lambda_{i-2} - lambda_{i-1})/h and
+    B_k = k! h phi_{k+1}(-h)/(e^{-h} - 1) (the "bh2" right-hand side), and adds
+    phi_1 (rho_1 (D_{i-2} - D_{i-1})/r_1 + rho_2 (D_i - D_{i-1})).  None: no corrector (the first
+    step, and the last, whose prediction D_i does not depend on x_c).  Coefficients of
+    D_i, D_{i-1}, D_{i-2}.
+    """
+    a, b = _dpmpp_coefficients("dpmpp_2m", t, i)
+    if i == 0 or t[i + 1] == 0:
+        return (a, b), None
+    s, s_cur = t[i - 1], t[i]
+    h = math.log(s / s_cur)
+    phi_1 = -math.expm1(-h)
+    a_c = s_cur / s
+    if i == 1:
+        return (a, b), (a_c, (0.5 * phi_1, 0.5 * phi_1))
+    r1 = -math.log(t[i - 2] / s) / h
+    # h phi_k(-h) for k = 2, 3 via the recursion phi_{k+1} = (phi_k - 1/k!)/(-h), divided by B(h) = -phi_1.
+    hphi_2 = -phi_1 / -h - 1
+    hphi_3 = hphi_2 / -h - 0.5
+    B_1, B_2 = hphi_2 / -phi_1, 2 * hphi_3 / -phi_1
+    rho_1 = (B_1 - B_2) / (1 - r1)
+    rho_2 = B_1 - rho_1
+    c_prev2 = phi_1 * rho_1 / r1
+    return (a, b), (a_c, (phi_1 * rho_2, phi_1 - c_prev2 - phi_1 * rho_2, c_prev2))
+
+
 def _multistep(solver: str, t: List[float], i: int) -> _Multistep:
-    a, b = _dpmpp_coefficients(solver, t, i)
+    corrector = None
+    if solver == "unipc":
+        (a, b), corrector = _unipc_coefficients(t, i)
+    else:
+        a, b = _dpmpp_coefficients(solver, t, i)
     slots = MULTISTEP[solver]
-    read = tuple((i - k) % slots for k in range(1, len(b)))
-    return _Multistep(a, b, read, i % slots)
+    terms = max(len(b), len(corrector[1]) if corrector else 0)
+    read = tuple((i - k) % slots for k in range(1, terms))
+    b = b + (0.0,) * (terms - len(b))
+    if corrector is not None:
+        corrector = (corrector[0], corrector[1] + (0.0,) * (terms - len(corrector[1])))
+    return _Multistep(a, b, read, i % slots, corrector)
 
 
 @dataclass

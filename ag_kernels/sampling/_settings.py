@@ -13,7 +13,9 @@ import torch
 
 from ..kernels.ops import D_DTYPES
 
-SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m")
+SOLVERS = ("heun", "euler", "dpmpp_2m", "dpmpp_3m", "unipc")
+"""The solvers ``solver=`` accepts: EDM's Heun (the reference), Euler, DPM-Solver++(2M) and (3M), and UniPC (bh2 predictor with
+the UniC corrector, no extra evaluations)."""
 _SAME = object()  # guide_labels default: the guiding network gets the main network's labels
 
 

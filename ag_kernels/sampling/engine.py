@@ -78,7 +78,25 @@ class GuidedSampler:
     calling the engine is ``edm_sampler(net, noise, labels, gnet, **settings)``, with the
     additions below.  The settings are checked once, here; each call checks its batch.
 
-    Args beyond edm_sampler's:
+    Args:
+        net: the main network D_1, called as ``net(x, t, labels)``.
+        gnet: the guiding network D_0, or None (then the guidance must be 1); ``gnet is net`` is
+            CFG with one network.
+        num_steps: as :func:`ag_kernels.edm_sampler`.
+        sigma_min: as :func:`ag_kernels.edm_sampler`.
+        sigma_max: as :func:`ag_kernels.edm_sampler`.
+        rho: as :func:`ag_kernels.edm_sampler`.
+        guidance: as :func:`ag_kernels.edm_sampler` (a number, a tensor [B] or a function of sigma).
+        S_churn: as :func:`ag_kernels.edm_sampler`.
+        S_min: as :func:`ag_kernels.edm_sampler`.
+        S_max: as :func:`ag_kernels.edm_sampler`.
+        S_noise: as :func:`ag_kernels.edm_sampler`.
+        dtype: as :func:`ag_kernels.edm_sampler`.
+        randn_like: the default churn noise source (a call may pass its own).
+        backend: as :func:`ag_kernels.edm_sampler`.
+        guidance_interval: as :func:`ag_kernels.edm_sampler`.
+        solver: as :func:`ag_kernels.edm_sampler`.
+        progress: as :func:`ag_kernels.edm_sampler`.
         cuda_graph: True, False or "auto" (default: graphs when the noise is on a CUDA device).
             With graphs, the first call of each batch shape (and labels layout, and where
             guidance applies and how its weights alias) runs the whole sampler once eagerly as a
@@ -109,6 +127,11 @@ class GuidedSampler:
 
     Attributes after a call: ``last_mode`` ("graph" or "eager") and ``fallback_reason`` (None, or
     why graphs were not used).
+
+    Raises:
+        TypeError: a setting of the wrong type.
+        ValueError: a setting out of range or inconsistent (as :func:`ag_kernels.edm_sampler`'s
+            checks), or max_graphs < 1.
     """
 
     # Tests only: on the CPU, "capture" warms up, runs the closure once more and keeps it, and
@@ -259,6 +282,7 @@ class GuidedSampler:
             steps = tqdm(steps, desc="edm_sampler", unit="step")
         # A multistep solver's earlier denoised outputs, a ring of slots (see _plan._Multistep).
         history = None if self.solver not in MULTISTEP else x_next.new_empty((MULTISTEP[self.solver],) + x_next.shape)
+        unipc = self.solver == "unipc"
         e = k = 0
         for i, step in enumerate(steps):
             if flags is not None and i > 0:
@@ -275,7 +299,13 @@ class GuidedSampler:
             d_main, d_guide = self._denoise(x_hat, step.t_hat, labels, guide_labels, w, stream)
             e += 1
             if step.multistep is not None:
-                x_next = ops.multistep(x_hat, d_main, d_guide, w, history, step.multistep, out=x_euler)
+                if unipc:
+                    # The networks see x_i (buffers[1] after step 0); the corrected sample x_c lives in
+                    # buffers[0] (x_0 itself at step 0) and is corrected there in place.
+                    x_next = ops.multistep(buffers[0], d_main, d_guide, w, history, step.multistep, out=buffers[1],
+                                           corrected=buffers[0] if step.multistep.corrector else None)
+                else:
+                    x_next = ops.multistep(x_hat, d_main, d_guide, w, history, step.multistep, out=x_euler)
                 continue
             ops.euler(x_hat, d_main, d_guide, w, step.t_hat_host, step.t_next_host, out=x_euler)
             if not step.heun:
@@ -335,6 +365,22 @@ class GuidedSampler:
         return None
 
     def __call__(self, noise: torch.Tensor, labels=None, *, guide_labels=_SAME, randn_like=None) -> torch.Tensor:
+        """Sample one batch.
+
+        Args:
+            noise: standard normal noise [B, ...]; sampling starts at ``noise * sigma_max``.
+            labels: the labels ``net`` gets (passed unchanged).
+            guide_labels: the labels ``gnet`` gets (default: ``labels``; e.g. zeros for CFG with one network).
+            randn_like: the churn noise source for this call (default: the engine's).
+
+        Returns:
+            The samples at t_N = 0 in the engine's dtype, a new tensor each call.
+
+        Raises:
+            TypeError: noise that is not a floating tensor, or a network output that is not one.
+            ValueError: a per-sample guidance of the wrong length, or a network output of the wrong shape.
+            NonFiniteError: with ``check_finite``, samples that became NaN or infinite (names the step).
+        """
         guide_labels, randn_like = self._check_call(noise, labels, guide_labels, randn_like)
         plan = self._plan(noise.device)
         weights = self.guidance.weights(plan.sigmas, noise.shape[0], noise.device)

@@ -209,6 +209,7 @@ def generate(
             mapped to [0, 255].
         outdir: if given, one PNG per seed is written to ``outdir/{seed - seed % 1000:06d}/{seed:06d}.png``
             (``subdirs=False``: ``outdir/{seed:06d}.png``, as EDM2's generator without --subdirs).
+        subdirs: with outdir, one subfolder per 1000 seeds (default) or all PNGs in outdir itself.
         skip_existing: with outdir, resume an interrupted run: a batch whose PNGs all exist is not
             sampled (and not yielded); a batch with some of them is sampled whole, as before (so a
             batch-size-sensitive network computes the same), and only its missing PNGs are written.
@@ -242,6 +243,16 @@ def generate(
     > 1; the default process group is then initialized, NCCL on CUDA, Gloo on the CPU), rank r
     of W runs batches r, r + W, r + 2W, ...  Every batch has the composition it has in a single
     process, so the samples are bitwise the same.  The process group is never destroyed here.
+
+    Yields:
+        One :class:`GeneratedBatch` per batch this process sampled, in order.
+
+    Raises:
+        TypeError: an argument of the wrong type (seeds, batch_size, an encoder that is not callable, ...).
+        ValueError: an argument out of range (no seeds, a seed outside [0, 2**63), batch_size < 1,
+            class_idx outside [0, label_dim), an unknown batch_split, a sampler setting the
+            engine refuses), or an unusable outdir.
+        ag_kernels.NonFiniteError: samples that became NaN or infinite (``check_finite``, on by default).
     """
     seeds, batch_size = _check_options(seeds, batch_size, progress, subdirs, skip_existing, outdir, batch_split,
                                        encoder, sampler_kwargs)

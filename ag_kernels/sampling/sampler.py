@@ -89,27 +89,36 @@ def edm_sampler(
 ) -> torch.Tensor:
     """Sample with the guided EDM sampler; a drop-in replacement for the EDM2 reference ``edm_sampler``.
 
-    Args (as the reference):
+    The arguments up to ``randn_like`` are the reference's, in its order and with its defaults;
+    the keyword-only ones from ``backend`` on are extensions.
+
+    Args:
         net: the main network D_1, called as ``net(x, t, labels)`` with x in ``dtype`` and t a 0-d tensor.
         noise: standard normal noise [B, ...]; sampling starts at ``noise * sigma_max``.
         labels: passed to the networks unchanged.
         gnet: the guiding network D_0 (a worse model for autoguidance, the unconditional one for
             CFG), called as ``gnet(x, t, labels)``; never called where the weight is 1.
-        num_steps, sigma_min, sigma_max, rho: the Karras schedule (N >= 1, 0 < sigma_min < sigma_max, rho > 0).
+        num_steps: N >= 1 points of the Karras schedule (then t_N = 0).
+        sigma_min: the smallest noise level, 0 < sigma_min < sigma_max.
+        sigma_max: the largest noise level.
+        rho: the schedule's exponent, > 0.
         guidance: the weight w of D_w = D_0 + w (D_1 - D_0).  Also: a per-sample tensor [B], or a
             function of sigma (a Python float) returning a number or a tensor [B].
-        S_churn, S_min, S_max, S_noise: stochastic churn (EDM, Algorithm 2); the churn noise is
-            drawn with ``randn_like(x)`` once per churned step, in the reference's order.
+        S_churn: stochastic churn (EDM, Algorithm 2), 0 for the deterministic sampler; the churn
+            noise is drawn with ``randn_like(x)`` once per churned step, in the reference's order.
+        S_min: churn only for t >= S_min.
+        S_max: churn only for t <= S_max.
+        S_noise: scale of the churn noise.
         dtype: float32 or float64: the sampler's dtype; network outputs are read in it.
         randn_like: the churn noise source.
-
-    Keyword-only extensions:
         backend: "auto", "torch", "triton" or "ext" (see :func:`ag_kernels.available_backends`).
         guidance_interval: (lo, hi): guide only for sigma in (lo, hi]; elsewhere w = 1 and gnet is
             not evaluated (Kynkäänniemi et al. 2024).
         solver: "heun" (the reference: 2nd order, Euler on the last step; 2N - 1 evaluations), "euler",
             or the multistep "dpmpp_2m" / "dpmpp_3m" (DPM-Solver++(2M)/(3M), Lu et al. 2022: one evaluation
-            per schedule point, N in all; the earlier denoised outputs give the higher order; no churn).
+            per schedule point, N in all; the earlier denoised outputs give the higher order; no churn), or
+            "unipc" (UniPC-2, Zhao et al. 2023: the 2M predictor with the UniC corrector, "bh2", which
+            re-does each step with the output just evaluated, no extra evaluation; N in all; no churn).
         progress: show a tqdm progress bar over the steps (eager runs).
         cuda_graph: False (default), True or "auto": run from a CUDA graph (see
             :class:`ag_kernels.GuidedSampler`).  With True/"auto" the engine and its graphs are
@@ -125,6 +134,12 @@ def edm_sampler(
 
     Returns:
         The samples at t_N = 0, in ``dtype``, with noise's shape.  Gradients are not tracked.
+
+    Raises:
+        TypeError: an argument of the wrong type, or a network that returns a non-floating tensor.
+        ValueError: guidance other than 1 without ``gnet``, num_steps < 1, sigma_min >= sigma_max,
+            rho <= 0, an unknown solver or backend, churn with a multistep solver, a per-sample
+            guidance of the wrong length, or a network output of the wrong shape.
     """
     settings = dict(
         num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance,

@@ -82,6 +82,11 @@ class SeedNoise:
     Args:
         seeds: one integer in [0, 2**63) per sample (a list, a range, ...); not empty.
         device: the device of the generators and of the tensors drawn.
+
+    Raises:
+        TypeError: seeds that are not a sequence of integers, or a device that is not a str or
+            torch.device.
+        ValueError: no seeds, more than 10 million, or a seed outside [0, 2**63).
     """
 
     def __init__(self, seeds: Sequence[int], device: Union[str, torch.device] = "cpu"):
@@ -140,8 +145,17 @@ _PART = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")  # ASCII digits only
 def parse_seeds(text: str) -> List[int]:
     """Seeds from text: comma-separated integers and inclusive ranges, e.g. "0-63", "1,5,9", "0-3,10-12".
 
-    Order is kept and repeats are not removed ("3,1-3" gives [3, 1, 2, 3]).  Raises a ValueError
-    naming ``seeds`` on empty text, empty items, negative numbers, reversed ranges or anything else.
+    Order is kept and repeats are not removed ("3,1-3" gives [3, 1, 2, 3]).
+
+    Args:
+        text: the seeds as text.
+
+    Returns:
+        The seeds, a list of ints.
+
+    Raises:
+        ValueError: naming ``seeds``, on empty text, empty items, negative numbers, reversed ranges
+            or anything else.
     """
     if not isinstance(text, str):
         raise TypeError(f"seeds text must be a str, got {type(text).__name__}")

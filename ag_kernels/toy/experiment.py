@@ -62,7 +62,7 @@ class ModelSpec:
     fourier_scale: float = 16.0
 
 
-#: The toy models: D_1, autoguidance's D_0 and CFG's D_0 (see the README for how they were chosen).
+#: The toy models: D_1, autoguidance's D_0 and CFG's D_0 (see docs/toy.md for how they were chosen).
 MODELS: Dict[str, ModelSpec] = {
     s.name: s
     for s in (

@@ -194,7 +194,20 @@ C10_ALWAYS_INLINE void step_range(const StepArgs& a, int64_t begin, int64_t end)
         const T* h1 = a.ms.read1 >= 0 ? history + a.ms.read1 * a.numel + i : zeros;
         const T* h2 = a.ms.read2 >= 0 ? history + a.ms.read2 * a.numel + i : zeros;
         T* hw = a.ms.write >= 0 ? history + a.ms.write * a.numel + i : nullptr;
-        if (hw != nullptr) {
+        if (a.ms.corrected != nullptr) {
+          // UniPC: x (the previous corrected sample) is corrected first, x_c kept, then the prediction from x_c.
+          T* xc = static_cast<T*>(a.ms.corrected) + i;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) {
+            const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0),
+                                                              HAS_UNCOND ? D_u[j] : T(0));
+            const T h1j = h1[j], h2j = h2[j];
+            const T x_c = corrector_value(m, x[j], D_w, h1j, h2j);
+            xc[j] = x_c;
+            o[j] = multistep_value(m, x_c, D_w, h1j, h2j);
+            if (hw != nullptr) hw[j] = D_w;
+          }
+        } else if (hw != nullptr) {
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
             const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1[j], HAS_GUIDE ? D_0[j] : T(0),

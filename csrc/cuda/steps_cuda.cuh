@@ -80,7 +80,14 @@ __device__ __forceinline__ void step_element(const StepArgs& a, const RowConstan
     const T h1 = a.ms.read1 >= 0 ? history[a.ms.read1 * a.numel + i] : T(0);
     const T h2 = a.ms.read2 >= 0 ? history[a.ms.read2 * a.numel + i] : T(0);
     const T D_w = guided_value<HAS_GUIDE, HAS_UNCOND>(r, D_1, D_0, D_u);
-    static_cast<T*>(a.out)[i] = multistep_value(MultistepConstants<T>(a.ms), x, D_w, h1, h2);
+    const MultistepConstants<T> m(a.ms);
+    T x_c = x;
+    if (a.ms.corrected != nullptr) {
+      // UniPC: x is the previous corrected sample; x_c is kept, and the prediction starts from it.
+      x_c = corrector_value(m, x, D_w, h1, h2);
+      static_cast<T*>(a.ms.corrected)[i] = x_c;
+    }
+    static_cast<T*>(a.out)[i] = multistep_value(m, x_c, D_w, h1, h2);
     if (a.ms.write >= 0) static_cast<T*>(a.ms.history)[a.ms.write * a.numel + i] = D_w;
   } else {
     static_cast<T*>(a.out)[i] = step_value<OP, HAS_GUIDE, HAS_UNCOND>(r, x, x_euler, D_1, D_0, D_u);
