@@ -75,11 +75,18 @@ def _ag_info() -> dict:
 #: Files in this order (pytest's own is alphabetical): the step ops before the host-overhead cases,
 #: so the step ops' torch.compile times stay cold compiles; host overhead reuses the compile cache
 #: where sizes coincide (its compile times are not reported).  The engine (whole sampler on UNets) last.
+#: $AG_BENCH_FILE_ORDER (comma-separated file names) replaces it: the GPU profile runs the engine first.
 _FILE_ORDER = ("test_sampler.py", "test_step_ops.py", "test_host_overhead.py", "test_engine.py")
 
 
+def file_order():
+    """The order of the suite's files: $AG_BENCH_FILE_ORDER's, else _FILE_ORDER."""
+    names = [n.strip() for n in os.environ.get("AG_BENCH_FILE_ORDER", "").split(",") if n.strip()]
+    return tuple(names) or _FILE_ORDER
+
+
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_FILE_ORDER)}
+    rank = {name: i for i, name in enumerate(file_order())}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps each file's order
 
 

@@ -6,7 +6,7 @@
 #
 #   1 env         GPU name, driver, torch, triton, nvcc, compute-sanitizer
 #   2 build       the extension in place with its CUDA part (a failure is logged; the rest runs on Triton)
-#   3 cuda_tests  python -m pytest tests -m cuda (only the CUDA tests: CI runs the CPU ones)
+#   3 cuda_tests  python -m pytest -m cuda on every test file with a test marked cuda (CI runs the CPU ones)
 #   4 bench       python -m bench --gpu (about 4 minutes) -> $OUT/bench/results/<gpu-slug>/
 #   5 memcheck    compute-sanitizer memcheck on the kernel tests, with the time left
 #
@@ -22,25 +22,31 @@ OUT="${OUT:-$REPO/gpu_out}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
+# Triton 3.9 fuses multiply-adds by default (3.10 will not): the session pins fusion on, as nvcc's default
+# (-fmad=true) does for the extension; the GPU tests' tolerances allow for it (docs/gpu.md).
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 
 #: The device budget of one call: the stage limits below sum to at most this.
 BUDGET=480
 #: Stages in priority order: name, limit in seconds ("rest": what the earlier stages left, at least MEMCHECK_MIN).
-STAGES=(env:15 build:120 cuda_tests:90 bench:225 memcheck:rest)
+#: The build compiles one translation unit per op (csrc/cuda/*_cuda.cu) in parallel (ninja, MAX_JOBS=16):
+#: its longest unit, not the sum, sets the time (see docs/gpu.md for the figures measured without a GPU).
+STAGES=(env:15 build:90 cuda_tests:120 bench:225 memcheck:rest)
 MEMCHECK_MIN=30
-#: CUDA test files, most telling first (the engine's graph paths have never run on a GPU).
-CUDA_TEST_FILES=(tests/test_engine.py tests/test_ext.py tests/test_registration.py tests/test_ops.py
-                 tests/test_fast_path.py tests/test_generate.py)
+#: Stage 3 runs every test file that holds a test marked cuda (found by pytest -m cuda --collect-only: a
+#: new CUDA test is run without editing this script).  These go first when they hold one: the graph paths
+#: of the engine and the solvers and the multistep op have never run on a GPU.
+CUDA_TEST_FIRST=(tests/test_engine.py tests/test_solvers.py tests/test_multistep_op.py tests/test_ext.py)
 #: Memcheck: the kernel tests only (graph capture needs the caching allocator, which memcheck runs without),
 #: not the 2^31-element test or the large sizes (minutes under the sanitizer).
-MEMCHECK_FILES=(tests/test_ext.py tests/test_ops.py)
+MEMCHECK_FILES=(tests/test_ext.py tests/test_ops.py tests/test_multistep_op.py)
 MEMCHECK_DESELECT="not graph_capture and not 64bit and not large"
 
 describe() {
     case "$1" in
         env) echo "GPU name, driver, torch, triton, nvcc, compute-sanitizer -> env.txt" ;;
         build) echo "AG_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} $PY setup.py build_ext --inplace; on failure go on with Triton" ;;
-        cuda_tests) echo "$PY -m pytest -m cuda ${CUDA_TEST_FILES[*]} -v (log line by line, cuda_tests.xml)" ;;
+        cuda_tests) echo "$PY -m pytest -m cuda FILES -v, FILES: every test file with a test marked cuda, ${CUDA_TEST_FIRST[*]} first (log line by line, cuda_tests.xml)" ;;
         bench) echo "$PY -m bench --gpu --out-dir \$OUT/bench/results/<gpu-slug> (rows.jsonl row by row; summarized if stopped)" ;;
         memcheck) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --report-api-errors no on ${MEMCHECK_FILES[*]} -m cuda -k '$MEMCHECK_DESELECT'" ;;
     esac
@@ -60,6 +66,20 @@ find_tool() {  # a CUDA tool on PATH, else in $CUDA_HOME/bin, else in /usr/local
     return 1
 }
 
+collect_cuda_tests() {  # pytest -m cuda --collect-only -q over tests/: one node id a line, then the summary
+    "$PY" -m pytest tests -m cuda --collect-only -q -p no:cacheprovider 2>&1
+}
+
+cuda_test_files() {  # the files of the node ids read on stdin: CUDA_TEST_FIRST's first, then as collected
+    local ids first f
+    ids=$(grep -o '^tests/[^:]*\.py::' | sed 's/::$//' | awk '!seen[$0]++')
+    first=$(printf '%s\n' "${CUDA_TEST_FIRST[@]}")
+    for f in "${CUDA_TEST_FIRST[@]}"; do
+        grep -qxF "$f" <<< "$ids" && echo "$f"
+    done
+    grep -vxF "$first" <<< "$ids"
+}
+
 gpu_slug() {
     "$PY" -c "from bench.conftest import device_slug; print(device_slug('cuda'))"
 }
@@ -67,10 +87,11 @@ gpu_slug() {
 # ----------------------------------------------------------------------------- the stages (run as children)
 
 stage_env() {
-    {
-        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || echo "nvidia-smi failed"
-        "$PY" - <<'EOF'
-import platform, torch
+    # One Python process (one torch import) reports everything, the CUDA tools included.
+    { nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 || echo "nvidia-smi failed"
+      "$PY" - <<'EOF'
+import importlib.util, os, platform, shutil, subprocess, torch
+from torch.utils.cpp_extension import CUDA_HOME
 print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
       "| cudnn", torch.backends.cudnn.version(), "| devices", torch.cuda.device_count())
 if torch.cuda.is_available():
@@ -78,15 +99,24 @@ if torch.cuda.is_available():
     print("gpu 0:", p.name, f"{p.total_memory / 2**30:.0f} GiB", "L2", getattr(p, "L2_cache_size", "?"), "bytes")
 try:
     import triton
-    print("triton", triton.__version__)
+    print("triton", triton.__version__, "| TRITON_DEFAULT_FP_FUSION", os.environ.get("TRITON_DEFAULT_FP_FUSION"))
 except Exception as exc:
     print("triton not importable:", exc)
-import importlib.util
 print("ninja", "yes" if importlib.util.find_spec("ninja") else "no (the build compiles one file at a time)")
+
+
+def find(tool):  # as find_tool in bench/gpu_session.sh: PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin
+    for path in (shutil.which(tool), *(os.path.join(d, "bin", tool) for d in (CUDA_HOME, "/usr/local/cuda") if d)):
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+nvcc = find("nvcc")
+version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip() if nvcc else ""
+print("nvcc:", version.splitlines()[-1] if version else "not found")
+print("compute-sanitizer:", find("compute-sanitizer") or "not found")
 EOF
-        local nvcc san
-        nvcc=$(find_tool nvcc) && "$nvcc" --version | tail -n 2 || echo "nvcc: not found"
-        san=$(find_tool compute-sanitizer) && echo "compute-sanitizer: $san" || echo "compute-sanitizer: not found"
     } 2>&1 | tee "$OUT/env.txt"
 }
 
@@ -101,7 +131,15 @@ stage_build() {
 }
 
 stage_cuda_tests() {
-    "$PY" -m pytest -m cuda "${CUDA_TEST_FILES[@]}" -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+    local files
+    mapfile -t files < <(collect_cuda_tests | cuda_test_files)
+    if [ ${#files[@]} -eq 0 ]; then
+        echo "cuda_tests: pytest -m cuda collected no test:"
+        collect_cuda_tests | tail -n 20
+        return 1
+    fi
+    echo "cuda_tests: ${files[*]}"
+    "$PY" -m pytest -m cuda "${files[@]}" -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 }
 
 stage_bench() {
@@ -169,11 +207,19 @@ if [ "${1:-}" = "--dry-run" ]; then
     command -v timeout > /dev/null && echo "plumbing: timeout found" || { echo "plumbing: timeout NOT found"; ok=0; }
     "$PY" -c "import torch, ag_kernels; print('plumbing: torch', torch.__version__, '| ag_kernels imports | CUDA', torch.cuda.is_available())" \
         || { echo "plumbing: python cannot import torch and ag_kernels"; ok=0; }
-    collected=$("$PY" -m pytest -m cuda "${CUDA_TEST_FILES[@]}" --collect-only -q -p no:cacheprovider 2>&1 | tail -n 1)
+    listing=$(collect_cuda_tests)
+    collected=$(tail -n 1 <<< "$listing")
     case "$collected" in
         *" collected"*) echo "plumbing: stage 3 selects ${collected%% in *}" ;;
         *) echo "plumbing: pytest -m cuda does not collect: $collected"; ok=0 ;;
     esac
+    echo "plumbing: stage 3 runs these files in this order (tests marked cuda in each):"
+    while read -r f; do
+        printf '  %s (%d)\n' "$f" "$(grep -c "^$f::" <<< "$listing")"
+    done < <(cuda_test_files <<< "$listing")
+    for f in "${MEMCHECK_FILES[@]}"; do
+        grep -q "^$f::" <<< "$listing" || { echo "plumbing: memcheck file $f holds no test marked cuda"; ok=0; }
+    done
     "$PY" -m bench --help > /dev/null && echo "plumbing: python -m bench --help ok" || { echo "plumbing: python -m bench fails"; ok=0; }
     "$PY" bench/report.py --help | grep -q -- "--rows" && echo "plumbing: bench/report.py --rows ok" \
         || { echo "plumbing: bench/report.py has no --rows"; ok=0; }

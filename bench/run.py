@@ -12,13 +12,14 @@ medians; all cases of a group side by side in one run), keeps pytest-benchmark's
 the results, and summarizes it with bench/report.py.  When pytest fails, what ran is still
 summarized, marked incomplete, and the exit status is pytest's.
 
-The GPU profile (``--gpu``, about 4 minutes on an H100/H200) runs two suites: the step ops
-(bench/test_step_ops.py) at 2^16, 2^20, 2^22, 2^24 and 2^26 elements, float32 x, float32/bfloat16
-network outputs, cases copy, eager, compile, triton and ext, timed by CUDA events over rotating
-buffers; and the whole guided sampler (bench/test_engine.py) on EDM2-shaped networks (S main, XS
-guide, float16, 4x64x64 latents, batches 1, 8 and 64, 32 Heun steps, guidance 2.0): the
-edm2-style eager loop against GuidedSampler eager, graph and graph+overlap (the compile case is
-left out: AG_BENCH_ENGINE_COMPILE_BATCHES=64 adds it).
+The GPU profile (``--gpu``, about 4 minutes on an H100/H200) runs two suites, the whole sampler
+first (the figures a device session exists for, kept if the session's time runs out in the step
+ops): the whole guided sampler (bench/test_engine.py) on EDM2-shaped networks (S main, XS guide,
+float16, 4x64x64 latents, batches 1, 8 and 64, 32 Heun steps, guidance 2.0): the edm2-style eager
+loop against GuidedSampler eager, graph and graph+overlap (the compile case is left out:
+AG_BENCH_ENGINE_COMPILE_BATCHES=64 adds it); then the step ops (bench/test_step_ops.py) at 2^16,
+2^20, 2^22, 2^24 and 2^26 elements, float32 x, float32/bfloat16 network outputs, cases copy, eager,
+compile, triton and ext, timed by CUDA events over rotating buffers.
 The host-overhead and old sampler suites are left out (``python -m bench`` runs them).  Without
 CUDA it exits with status 2.  ``--edm2 PATH`` (or $AG_EDM2_PATH) makes the engine suite use
 ``training.networks_edm2.Precond`` from that checkout (random weights) instead of bench/unet.py.
@@ -70,8 +71,9 @@ SMOKE_ENV.update({
 #: outputs (the same bytes and conversion cost as bfloat16), and the engine's compile case
 #: (compiling two UNets is expected to take minutes per batch shape; AG_BENCH_ENGINE_COMPILE_BATCHES=64
 #: brings it back).
-GPU_FILES = ("test_step_ops.py", "test_engine.py")
+GPU_FILES = ("test_engine.py", "test_step_ops.py")
 GPU_ENV = {
+    "AG_BENCH_FILE_ORDER": ",".join(GPU_FILES),  # the engine first (bench/conftest.py orders the files)
     "AG_BENCH_NUMEL": ",".join(str(2**p) for p in (16, 20, 22, 24, 26)),
     "AG_BENCH_D_DTYPES": "float32,bfloat16",
     "AG_BENCH_STEP_CASES": "copy,eager,compile,triton,ext",

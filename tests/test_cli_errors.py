@@ -178,41 +178,47 @@ def test_settings_file_refuses_other_settings_unless_forced(files, tmp_path, cap
 
 
 def test_real_sigint_mid_run_leaves_no_truncated_images(files, tmp_path, gen, capsys):
-    """A real SIGINT delivered to a subprocess mid-run, at a random moment after its first image: exit 130 with
-    one line, fewer images than asked for (the interrupt landed), every PNG complete, no temporary file; and
+    """A real SIGINT delivered to a subprocess mid-run, after a random number of batches: exit 130 with one
+    line, exactly the images of the finished batches (every PNG complete), no temporary file; and
     --skip-existing then completes the set bitwise equal to an uninterrupted run.
 
-    One trial: the interrupt at random network calls is tested in-process above; this one checks the real
-    signal path.  At 32 steps the images after the first take about 1.5 s on an idle 2-core machine (at 6 steps
-    they took under 0.4 s, and a signal up to 0.4 s late could land after the last one), so the run is far from
-    done when the signal comes.
+    The child (tests/_sigint_child.py, the real command line) creates a file once its K-th batch is written
+    and then waits before the next one; the signal is sent only when that file exists, so it lands mid-run
+    whatever the machine's speed.  (Sent at a fixed delay after the first image, it could come after the last
+    batch, where the command ignores Ctrl-C during shutdown, and the run exited 0.)  The interrupt at random
+    network calls is tested in-process above.
     """
     rng = random.Random(int(torch.randint(2**31, (), generator=gen)))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    more = ["--seeds", "0-59", "--batch", "2", "--steps", "32"]
+    after = rng.randint(1, 4)  # batches written before the interrupt
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    more = ["--seeds", "0-19", "--batch", "2", "--steps", "6"]
     clean = tmp_path / "clean"
     assert _run(_argv(files, clean) + more, capsys)[0] == 0
     expected = _images(clean)
-    assert len(expected) == 60
-    out = tmp_path / "run"
-    argv = [sys.executable, "-m", "ag_kernels"] + _argv(files, out) + more
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    # Wait until the first image exists (imports done), then interrupt at a random moment.
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.rglob("*.png")):
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0, 0.3))
+    assert len(expected) == 20
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    cli = _argv(files, out) + more
+    child = [sys.executable, os.path.join(REPO, "tests", "_sigint_child.py"), str(ready), str(after), "--", *cli]
+    proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not ready.exists():
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the child never reported batch {after} written (exit {proc.returncode}):\n{err}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"exit {proc.returncode}: the interrupt must land mid-run\n{err}"
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert len(lines) == 1 and "interrupted" in lines[0] and f"{2 * after} images finished" in lines[0], err
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     written = list(out.rglob("*.png"))
-    assert 0 < len(written) < 60
+    assert len(written) == 2 * after
     for p in written:
         with Image.open(p) as im:
             im.load()  # a truncated PNG raises here
+    argv = [sys.executable, "-m", "ag_kernels"] + cli
     resumed = subprocess.run(argv + ["--skip-existing"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     got = _images(out)

@@ -4,8 +4,9 @@ Against the float64 transcriptions in the papers' notation (``torch_multistep_sa
 ``torch_unipc_sampler``, written independently of the engine's per-step coefficients), on every backend; exact step semantics
 (one evaluation per schedule point, at those points, N in all); the guidance semantics of Heun
 (interval, callable w(sigma), per-sample w, CFG batched with one network); churn refused; the
-graph path's static buffers (emulated on the CPU); and k-diffusion's ``sample_dpmpp_2m`` when
-$AG_KERNELS_KDIFFUSION names its wheel (see bench/kdiffusion.py; skipped otherwise).
+graph path's static buffers (emulated on the CPU, and captured for real on a GPU: marked cuda); and
+k-diffusion's ``sample_dpmpp_2m`` when $AG_KERNELS_KDIFFUSION names its wheel (see bench/kdiffusion.py;
+skipped otherwise).
 """
 
 import math
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 import ag_kernels
+from _util import cuda_only
 from ag_kernels import GuidedSampler, edm_sampler, karras_schedule, torch_multistep_sampler, torch_unipc_sampler
+from ag_kernels.sampling.engine import SOLVERS
 
 BACKENDS = ag_kernels.available_backends("cpu")
 MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc"]
@@ -163,7 +166,7 @@ def test_churn_is_refused_naming_both(nets, solver):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("solver", MULTISTEP)
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_emulated_graph_replay_equals_eager(nets, solver):
     """The graph path (static buffers and their refill, emulated on the CPU) gives the eager samples."""
     net, gnet = nets
@@ -174,6 +177,28 @@ def test_emulated_graph_replay_equals_eager(nets, solver):
         noise = _noise(seed=seed)
         torch.testing.assert_close(engine(noise), eager(noise), rtol=0, atol=0)
     assert engine.last_mode == "graph"
+
+
+@cuda_only("CUDA graphs need a CUDA device; none is available here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "ext"])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cuda_graph_path_equals_eager(solver, backend, dtype):
+    """Each solver captured in a CUDA graph (the multistep history ring included) replays bitwise its
+    eager run (the same kernels), call after call, for two batch shapes (two graphs)."""
+    if backend not in ag_kernels.available_backends("cuda"):
+        pytest.skip(f"backend {backend} is not available on CUDA here")
+    net, gnet = Net(0).cuda(), Net(1).cuda()
+    settings = dict(num_steps=6, guidance=2.0, solver=solver, backend=backend, dtype=dtype)
+    graph = GuidedSampler(net, gnet, cuda_graph=True, **settings)
+    eager = GuidedSampler(net, gnet, cuda_graph=False, **settings)
+    for call, batch in enumerate((5, 5, 3, 5)):
+        noise = _noise(batch, seed=call).to("cuda", dtype)
+        out, expected = graph(noise), eager(noise)
+        assert graph.last_mode == "graph", graph.fallback_reason
+        assert eager.last_mode == "eager"
+        assert out.dtype == dtype and out.device.type == "cuda" and bool(out.isfinite().all())
+        assert torch.equal(out, expected), f"call {call}, batch {batch}: max diff {(out - expected).abs().max()}"
 
 
 def test_heun_and_euler_plans_unchanged():

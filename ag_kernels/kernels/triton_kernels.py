@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -199,11 +199,15 @@ else:  # pragma: no cover
     _multistep_kernel = None
 
 
+#: (BLOCK, num_warps) of every launch on a GPU.
+CUDA_BLOCK_CONFIG = (2048, 8)
+
+
 def _block_config(device: torch.device):
     """(BLOCK, num_warps) for a launch: large blocks for the interpreter (fewer Python-level programs)."""
     if INTERPRET or device.type != "cuda":
         return 4096, 4
-    return 2048, 8
+    return CUDA_BLOCK_CONFIG
 
 
 def _device_guard(out):
@@ -419,6 +423,188 @@ def _overlaps(a, b):
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline compile table: the launches of every kernel on a GPU, compiled in CI without one.
+
+class CompileCase(NamedTuple):
+    """One launch of a kernel as the launcher on a GPU makes it (CPU stand-in tensors carry the dtypes,
+    addresses and sizes that Triton specializes on)."""
+
+    name: str            # kernel/op, then dtypes, then geometry and alignment
+    kernel: object       # the @triton.jit function
+    args: tuple          # positional arguments, as the launcher passes them
+    constexprs: dict     # keyword constexprs, as the launcher passes them
+    num_warps: int
+    vectorized: bool     # the contiguous, 16-byte-aligned launch: its PTX must move memory in 128-bit accesses
+
+
+_DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
+_X_DTYPES = (torch.float32, torch.float64)
+_D_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Shapes of the launches: (name, shape, whether per-sample coefficients are passed).  They give the int
+# arguments every specialization Triton makes: equal to 1 (a compile-time constant), divisible by 16,
+# other, and 64-bit (more than 2**31 - 1 elements), and each ROWS mode of the step kernel.
+_BIG = 2**30
+_GEOMETRIES = [
+    ("n=1", (1,), False),
+    ("n=16k", (5, 2048), False),          # the contiguous launch: n divisible by 16
+    ("n=odd", (3, 4099), False),
+    ("n>2^31", (2, _BIG + 3), False),
+    ("tiled,row=odd", (3, 4099), True),   # 3 blocks per sample
+    ("tiled,row=16k", (2, 3 * 2048), True),
+    ("tiled,1 block", (2, 2048), True),   # blocks_per_row == 1
+    ("tiled,n>2^31", (3, _BIG), True),
+    ("gather,row=7", (3, 7), True),
+    ("gather,row=1", (3, 1), True),       # row_numel == 1
+    ("gather,n=1", (1,), True),
+    ("gather,n>2^31", (2**21 + 1, 1024), True),
+]
+_GEOMETRY = {name: (shape, vec) for name, shape, vec in _GEOMETRIES}
+# The step ops' codes and the per-sample coefficients each takes (guidance g needs d_guide).
+_STEP_OPS = {"guided_denoise": (OP_DENOISE, ("g",)), "euler_step": (OP_EULER, ("g", "s", "sn")),
+             "heun_step": (OP_HEUN, ("g", "s", "sn")), "guided_score": (OP_SCORE, ("g", "s"))}
+
+
+def _stand_in(shape, dtype, aligned=True):
+    """A CPU tensor of ``shape`` backed by one element (stride 0), at a 16-byte-aligned address or not.
+
+    The launch builders read sizes, dtypes and addresses of the operands (and strides of coefficient
+    vectors only), so a launch of 2**31 elements needs no memory.  CPU allocations are 64-byte aligned.
+    """
+    base = torch.empty(2, dtype=dtype)
+    one = base[0:1] if aligned else base[1:2]
+    return one.reshape((1,) * len(shape)).expand(shape)
+
+
+def _coefficient_vector(batch, dtype=torch.float64, stride=1):
+    """A per-sample coefficient vector of ``batch`` values with element stride 0 (expanded), 1 or more."""
+    if stride == 0:
+        return torch.empty(1, dtype=dtype).expand(batch)
+    return torch.empty(batch * stride, dtype=dtype)[::stride]
+
+
+def _short(dtype):
+    return _DTYPE_NAMES[dtype] if dtype is not None else "none"
+
+
+def _step_case(op_name, x_dtype, dm, dg, geometry, vecs=None, vec_dtype=torch.float64, vec_stride=1,
+               unaligned=(), vectorized=False):
+    op, allowed = _STEP_OPS[op_name]
+    shape, per_sample = _GEOMETRY[geometry]
+    if vecs is None:
+        vecs = tuple(v for v in allowed if dg is not None or v != "g") if per_sample else ()
+    batch = shape[0]
+
+    def t(name, dtype):
+        return _stand_in(shape, dtype, aligned=name not in unaligned and "all" not in unaligned)
+
+    coef = {v: _coefficient_vector(batch, vec_dtype, vec_stride) if v in vecs else None for v in ("g", "s", "sn")}
+    out = t("out", x_dtype)
+    x = t("x", x_dtype) if op != OP_DENOISE else None
+    x_euler = t("x_euler", x_dtype) if op == OP_HEUN else None
+    block, num_warps = CUDA_BLOCK_CONFIG
+    _, args, constexprs = _step_launch(op, out, x, x_euler, t("d_main", dm), None if dg is None else t("d_guide", dg),
+                                       coef["g"], coef["s"], coef["sn"], 1.5, 2.0, 1.0, block)
+    name = (f"{op_name}/x={_short(x_dtype)},d_main={_short(dm)},d_guide={_short(dg)}/{geometry}"
+            + (f"/vec={'+'.join(vecs)}:{_short(vec_dtype)}:stride{vec_stride}" if vecs else "")
+            + (f"/unaligned={'+'.join(unaligned)}" if unaligned else ""))
+    return CompileCase(name, _guided_step_kernel, args, constexprs, num_warps, vectorized)
+
+
+def _multistep_case(x_dtype, dm, dg, geometry, slots=(1, 0, 1), g_vec=None, vec_dtype=torch.float64,
+                    vec_stride=1, unaligned=(), vectorized=False):
+    # Default slots: the 3M ring, which reads slots 1 and 0 and writes slot 1.
+    shape, per_sample = _GEOMETRY[geometry]
+    if g_vec is None:
+        g_vec = per_sample and dg is not None
+    read1, read2, write = slots
+
+    def t(name, dtype, shape=shape):
+        return _stand_in(shape, dtype, aligned=name not in unaligned and "all" not in unaligned)
+
+    out = t("out", x_dtype)
+    history = t("history", x_dtype, (3,) + tuple(shape))
+    g = _coefficient_vector(shape[0], vec_dtype, vec_stride) if g_vec else None
+    block, num_warps = CUDA_BLOCK_CONFIG
+    _, args, constexprs = _multistep_launch(out, history, t("x", x_dtype), t("d_main", dm),
+                                            None if dg is None else t("d_guide", dg), g, 1.5, 0.5, 0.25, 0.125,
+                                            0.0625, read1, read2, write, block)
+    name = (f"multistep_step/x={_short(x_dtype)},d_main={_short(dm)},d_guide={_short(dg)}/{geometry}"
+            f"/read1={read1},read2={read2},write={write}"
+            + (f"/vec=g:{_short(vec_dtype)}:stride{vec_stride}" if g_vec else "")
+            + (f"/unaligned={'+'.join(unaligned)}" if unaligned else ""))
+    return CompileCase(name, _multistep_kernel, args, constexprs, num_warps, vectorized)
+
+
+def _dtype_rows(make):
+    """Each network-output dtype with each x dtype (guided, both outputs alike), unguided, and guided with
+    mixed dtypes, on the contiguous 16-byte-aligned launch (the rows whose PTX is read for 128-bit accesses)."""
+    rows = []
+    for k, dm in enumerate(_D_DTYPES):
+        for x_dtype in _X_DTYPES:
+            rows.append(make(x_dtype, dm, dm, "n=16k", vectorized=True))
+        rows.append(make(_X_DTYPES[k % 2], dm, None, "n=16k", vectorized=True))
+        rows.append(make(_X_DTYPES[(k + 1) % 2], dm, _D_DTYPES[(k + 1) % len(_D_DTYPES)], "n=16k", vectorized=True))
+    return rows
+
+
+def compile_table():
+    """The launches of every Triton kernel on a GPU, as :class:`CompileCase` rows (several may share one
+    specialization: the compile check deduplicates them).
+
+    Built by the launchers' own argument builders (:func:`_step_launch`, :func:`_multistep_launch`), so
+    the table sees what a launch passes.  Axes: every x dtype and network-output dtype (guided with equal
+    and mixed dtypes, and unguided), every constexpr branch (ROWS modes, each subset of per-sample
+    coefficients, history slots read or not), the int specializations (each geometry above; coefficient
+    strides 0, 1, 3; history slots 0, 1, 2) and pointer alignment (16-byte aligned or not).  Each axis is
+    swept with the others at a base value.  A new kernel adds its rows here.
+    """
+    if triton is None:
+        return []
+    f32, f16 = torch.float32, torch.float16
+    rows = []
+    for op_name, (_, allowed) in _STEP_OPS.items():
+        rows += _dtype_rows(lambda x, dm, dg, geo, **kw: _step_case(op_name, x, dm, dg, geo, **kw))
+        for geometry, _, per_sample in _GEOMETRIES:
+            rows.append(_step_case(op_name, f32, f16, f16, geometry))
+            if per_sample and allowed != ("g",):
+                rows.append(_step_case(op_name, f32, f16, None, geometry))  # unguided: s / sn only
+        for mask in range(1, 2 ** len(allowed)):  # each subset of per-sample coefficients
+            subset = tuple(v for i, v in enumerate(allowed) if mask >> i & 1)
+            rows.append(_step_case(op_name, f32, f16, f16, "tiled,row=odd", vecs=subset))
+        for vec_dtype in _D_DTYPES:
+            rows.append(_step_case(op_name, f32, f16, f16, "gather,row=7", vec_dtype=vec_dtype))
+        for stride in (0, 3):
+            rows.append(_step_case(op_name, f32, f16, f16, "gather,row=7", vec_stride=stride))
+        operand = "x" if op_name != "guided_denoise" else "d_main"
+        for unaligned in (("all",), ("out",), ("d_guide",), (operand,)):
+            rows.append(_step_case(op_name, f32, f16, f16, "n=16k", unaligned=unaligned))
+        rows.append(_step_case(op_name, f32, f16, f16, "tiled,row=16k", unaligned=("all",)))
+    rows += _dtype_rows(_multistep_case)
+    # The solvers' rings (first order, 2M, 3M, no history), then each slot argument over absent, 0, 1, 2.
+    slot_rows = [(-1, -1, 0), (0, -1, 0), (1, 0, 1), (-1, -1, -1)]
+    for k in range(3):
+        for value in (-1, 0, 1, 2):
+            slots = [1, 0, 1]
+            slots[k] = value
+            slot_rows.append(tuple(slots) if slots[0] >= 0 or slots[1] < 0 else (-1, -1, slots[2]))
+    for slots in dict.fromkeys(slot_rows):
+        rows.append(_multistep_case(f32, f16, f16, "n=16k", slots=slots))
+    for geometry, _, per_sample in _GEOMETRIES:
+        rows.append(_multistep_case(f32, f16, f16, geometry))
+        if not per_sample:
+            rows.append(_multistep_case(f32, f16, None, geometry))
+    for vec_dtype in _D_DTYPES:
+        rows.append(_multistep_case(f32, f16, f16, "gather,row=7", vec_dtype=vec_dtype))
+    for stride in (0, 3):
+        rows.append(_multistep_case(f32, f16, f16, "gather,row=7", vec_stride=stride))
+    for unaligned in (("all",), ("out",), ("history",), ("d_guide",)):
+        rows.append(_multistep_case(f32, f16, f16, "n=16k", unaligned=unaligned))
+    return rows
 
 
 if triton is not None:
