@@ -266,25 +266,30 @@ def test_corrector_op_noncontiguous_and_large(backend, gen):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-def test_kernels_equal_reference(backend, gen):
+@pytest.mark.parametrize("cfg", [False, True], ids=["two_outputs", "cfg"])
+def test_kernels_equal_reference(backend, cfg, gen):
     """The ext and Triton kernels against the torch reference: an ulp or two (torch.lerp may fuse),
-    through the public op and through the kernel op as the sampler's fast path calls it."""
+    through the public op and through the kernel op as the sampler's fast path calls it; also with
+    CFG's third output (d_uncond, a per-sample cfg_scale)."""
     require(backend, "cpu")
     from ag_kernels.kernels._launch import _kernel_op
 
     x, _, d_main, d_guide = make_inputs((4, 257), torch.float32, torch.float16, "cpu", gen, 5.0)
     hist = torch.randn((2, 4, 257), generator=gen)
+    three = {"d_uncond": (d_main.float() + 0.5 * torch.randn((4, 257), generator=gen)).half(),
+             "cfg_scale": torch.tensor([1.5, 4.0, 7.5, 1.0])} if cfg else {}
     results = {}
     for be in ("torch", backend):
         xb, hb, out = x.clone(), hist.clone(), torch.empty_like(x)
         ag_kernels.multistep_step(xb, d_main, d_guide, 2.0, hb, 0.5, (1.2, -0.3), read=(0, 1), write=1, out=out,
-                                  corrector=(0.8, (0.4, 0.3, -0.1)), corrected=xb, backend=be)
+                                  corrector=(0.8, (0.4, 0.3, -0.1)), corrected=xb, backend=be, **three)
         results[be] = (out, xb, hb)
     for mine, ref in zip(results[backend], results["torch"]):
         torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
     xb, hb, out = x.clone(), hist.clone(), poison(torch.empty_like(x))
+    kernel_cfg = {"d_uncond": three["d_uncond"], "c_vec": three["cfg_scale"]} if cfg else {}
     _kernel_op(backend, "multistep_step")(out, hb, xb, d_main, d_guide, None, 2.0, 0.5, 1.2, -0.3, 0.0, 0, 1, 1,
-                                          xb, 0.8, 0.4, 0.3, -0.1)
+                                          xb, 0.8, 0.4, 0.3, -0.1, **kernel_cfg)
     for mine, ref in zip((out, xb, hb), results["torch"]):
         torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
 

@@ -491,8 +491,18 @@ def _short(dtype):
     return _DTYPE_NAMES[dtype] if dtype is not None else "none"
 
 
+def _cfg_case(du, per_sample, shape, t, vec_dtype=torch.float64, vec_stride=1):
+    """(keyword arguments of a launch builder, name suffix) for CFG's third output d_uncond in dtype ``du``
+    (None: absent) with a per-sample weight or the number 7.5."""
+    if du is None:
+        return {}, ""
+    c_vec = _coefficient_vector(shape[0], vec_dtype, vec_stride) if per_sample else None
+    name = f"/d_uncond={_short(du)}" + (f",c_vec:{_short(vec_dtype)}:stride{vec_stride}" if per_sample else "")
+    return dict(d_uncond=t("d_uncond", du), c_vec=c_vec, c=7.5), name
+
+
 def _step_case(op_name, x_dtype, dm, dg, geometry, vecs=None, vec_dtype=torch.float64, vec_stride=1,
-               unaligned=(), vectorized=False):
+               unaligned=(), vectorized=False, du=None, c_per_sample=None):
     op, allowed = _STEP_OPS[op_name]
     shape, per_sample = _GEOMETRY[geometry]
     if vecs is None:
@@ -507,16 +517,18 @@ def _step_case(op_name, x_dtype, dm, dg, geometry, vecs=None, vec_dtype=torch.fl
     x = t("x", x_dtype) if op != OP_DENOISE else None
     x_euler = t("x_euler", x_dtype) if op == OP_HEUN else None
     block, num_warps = CUDA_BLOCK_CONFIG
+    cfg, cfg_name = _cfg_case(du, per_sample if c_per_sample is None else c_per_sample, shape, t, vec_dtype,
+                              vec_stride)
     _, args, constexprs = _step_launch(op, out, x, x_euler, t("d_main", dm), None if dg is None else t("d_guide", dg),
-                                       coef["g"], coef["s"], coef["sn"], 1.5, 2.0, 1.0, block)
+                                       coef["g"], coef["s"], coef["sn"], 1.5, 2.0, 1.0, block, **cfg)
     name = (f"{op_name}/x={_short(x_dtype)},d_main={_short(dm)},d_guide={_short(dg)}/{geometry}"
-            + (f"/vec={'+'.join(vecs)}:{_short(vec_dtype)}:stride{vec_stride}" if vecs else "")
+            + (f"/vec={'+'.join(vecs)}:{_short(vec_dtype)}:stride{vec_stride}" if vecs else "") + cfg_name
             + (f"/unaligned={'+'.join(unaligned)}" if unaligned else ""))
     return CompileCase(name, _guided_step_kernel, args, constexprs, num_warps, vectorized)
 
 
 def _multistep_case(x_dtype, dm, dg, geometry, slots=(1, 0, 1), g_vec=None, vec_dtype=torch.float64,
-                    vec_stride=1, unaligned=(), vectorized=False):
+                    vec_stride=1, unaligned=(), vectorized=False, du=None, c_per_sample=None):
     # Default slots: the 3M ring, which reads slots 1 and 0 and writes slot 1.
     shape, per_sample = _GEOMETRY[geometry]
     if g_vec is None:
@@ -530,12 +542,14 @@ def _multistep_case(x_dtype, dm, dg, geometry, slots=(1, 0, 1), g_vec=None, vec_
     history = t("history", x_dtype, (3,) + tuple(shape))
     g = _coefficient_vector(shape[0], vec_dtype, vec_stride) if g_vec else None
     block, num_warps = CUDA_BLOCK_CONFIG
+    cfg, cfg_name = _cfg_case(du, per_sample if c_per_sample is None else c_per_sample, shape, t, vec_dtype,
+                              vec_stride)
     _, args, constexprs = _multistep_launch(out, history, t("x", x_dtype), t("d_main", dm),
                                             None if dg is None else t("d_guide", dg), g, 1.5, 0.5, 0.25, 0.125,
-                                            0.0625, read1, read2, write, block)
+                                            0.0625, read1, read2, write, block, **cfg)
     name = (f"multistep_step/x={_short(x_dtype)},d_main={_short(dm)},d_guide={_short(dg)}/{geometry}"
             f"/read1={read1},read2={read2},write={write}"
-            + (f"/vec=g:{_short(vec_dtype)}:stride{vec_stride}" if g_vec else "")
+            + (f"/vec=g:{_short(vec_dtype)}:stride{vec_stride}" if g_vec else "") + cfg_name
             + (f"/unaligned={'+'.join(unaligned)}" if unaligned else ""))
     return CompileCase(name, _multistep_kernel, args, constexprs, num_warps, vectorized)
 
@@ -604,6 +618,31 @@ def compile_table():
         rows.append(_multistep_case(f32, f16, f16, "gather,row=7", vec_stride=stride))
     for unaligned in (("all",), ("out",), ("history",), ("d_guide",)):
         rows.append(_multistep_case(f32, f16, f16, "n=16k", unaligned=unaligned))
+    rows += _three_output_rows()
+    return rows
+
+
+def _three_output_rows():
+    """CFG's third output (d_uncond, a number or per-sample weight) on every kernel: its dtype with each x
+    dtype (the contiguous launch, PTX read), with and without the guide, each ROWS mode with a per-sample
+    weight alone or with the others, the weight's dtype and stride, and d_uncond unaligned."""
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    rows = []
+    cases = [(_multistep_case, None)] + [(_step_case, op_name) for op_name in _STEP_OPS]
+    for make, op_name in cases:
+        case = make if op_name is None else (lambda *a, _op=op_name, **kw: _step_case(_op, *a, **kw))
+        for du in _D_DTYPES:
+            for x_dtype in _X_DTYPES:
+                rows.append(case(x_dtype, du, du, "n=16k", du=du, vectorized=True))
+        rows.append(case(f32, bf16, None, "n=16k", du=bf16, vectorized=True))  # CFG alone
+        rows.append(case(f32, f16, f16, "n=16k", du=bf16))  # d_uncond in another dtype than d_main
+        for geometry in ("tiled,row=odd", "gather,row=7", "gather,row=1"):
+            rows.append(case(f32, f16, f16, geometry, du=f16))  # every coefficient per sample
+            rows.append(case(f32, f16, None, geometry, du=f16, c_per_sample=True, g_vec=False)
+                        if op_name is None else case(f32, f16, None, geometry, du=f16, vecs=()))
+        for vec_dtype in (f32, torch.float64):
+            rows.append(case(f32, f16, f16, "gather,row=7", du=f16, vec_dtype=vec_dtype, vec_stride=3))
+        rows.append(case(f32, f16, f16, "n=16k", du=f16, unaligned=("d_uncond",)))
     return rows
 
 
