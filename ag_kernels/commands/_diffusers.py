@@ -21,8 +21,9 @@ _FLAG_RE = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(_FLAGS, k
 # EDM-only flags and the value that means "not given".
 _EDM_ONLY = (("--net", "net", None), ("--gnet", "gnet", None), ("--preset", "preset", None),
              ("--models", "models", None), ("--class", "class_idx", None), ("--shape", "shape", None),
-             ("--guidance", "guidance", None), ("--churn", "churn", 0.0), ("--sigma-min", "sigma_min", 0.002),
-             ("--sigma-max", "sigma_max", 80.0), ("--rho", "rho", 7.0), ("--dtype", "dtype", "float32"))
+             ("--guidance", "guidance", None), ("--churn", "churn", 0.0), ("--sigma-min", "sigma_min", None),
+             ("--sigma-max", "sigma_max", None), ("--rho", "rho", None), ("--schedule", "schedule", None),
+             ("--sigmas", "sigmas", None), ("--dtype", "dtype", "float32"))
 
 
 def flagify(message) -> str:
