@@ -113,7 +113,7 @@ def test_eps_euler_three_outputs(benchmark, device, n, d_dtype, case):
     elif case == "multistep_fold":
         k = (T_NEXT - T_CUR) / T_CUR
         unused = torch.empty((1,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        step = SimpleNamespace(a=1 + k - k * 1.0, b=(-k * c_out,), read=(), write=-1)  # slot -1: none written
+        step = SimpleNamespace(a=1 + k - k * 1.0, b=(-k * c_out,), read=(), write=-1, corrector=None)  # slot -1: none written
         steps = ag_kernels.PreparedSteps(x, backend="ext")
 
         def fn():
