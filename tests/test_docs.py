@@ -234,7 +234,7 @@ def test_readme_is_a_front_door_and_no_issue_numbers():
 # --- the command line page against --help ---------------------------------------------------------
 
 CLI_COMMANDS = {"demo": ["demo"], "toy train": ["toy", "train"], "selfcheck": ["selfcheck"],
-                "generate": ["generate"], "verify": ["verify", "--edm2", "x"],
+                "generate": ["generate"], "tune-schedule": ["tune-schedule"], "verify": ["verify", "--edm2", "x"],
                 "verify --generate": ["verify", "--edm2", "x", "--generate"]}
 
 
@@ -269,9 +269,9 @@ def _doc_sections():
 def test_cli_page_lists_what_help_lists(capsys, monkeypatch):
     listed, sections = _doc_sections()
     top = _help([], capsys, monkeypatch)
-    subcommands = set(re.search(r"\{([\w,]+)\}", top).group(1).split(","))
+    subcommands = set(re.search(r"\{([\w,-]+)\}", top).group(1).split(","))
     assert {c.split()[0] for c in listed} == subcommands, (listed, subcommands)
-    toy = set(re.search(r"\{([\w,]+)\}", _help(["toy"], capsys, monkeypatch)).group(1).split(","))
+    toy = set(re.search(r"\{([\w,-]+)\}", _help(["toy"], capsys, monkeypatch)).group(1).split(","))
     assert {c.split()[1] for c in listed if c.startswith("toy ")} == toy
     assert set(sections) == set(CLI_COMMANDS), sorted(sections)
     for name, argv in CLI_COMMANDS.items():
