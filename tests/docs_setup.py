@@ -21,3 +21,4 @@ SETUP = {}
 from _tiny_diffusers import docs_setup as _tiny_diffusers_offline  # noqa: E402
 
 SETUP["docs/diffusers.md"] = _tiny_diffusers_offline
+SETUP["README.md"] = _tiny_diffusers_offline  # use 3: a diffusers pipeline with a guide model
