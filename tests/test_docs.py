@@ -44,7 +44,8 @@ RUN_HERE = {
     "python -m ag_kernels generate --net main.pt --gnet guide.pt --seeds 0-63 --guidance 2.1 --outdir out",
     # docs/schedules.md: a small tuning run on the toy models, then generate with its schedule and with inline levels.
     "python -m ag_kernels tune-schedule --net main.pt --gnet guide.pt --guidance 3 --solver dpmpp_3m --steps 10 "
-    "--sigma-min 0.005 --sigma-max 5 --shape 2 --seeds 1000000-1000255 --reference-steps 32 --max-trials 20 --out tuned.json",
+    "--sigma-min 0.005 --sigma-max 5 --shape 2 --seeds 1000000-1000255 --reference-steps 32 --max-trials 20 "
+    "--out tuned.json",
     "python -m ag_kernels generate --net main.pt --gnet guide.pt --guidance 3 --solver dpmpp_3m --sigmas tuned.json "
     "--shape 2 --seeds 0-1023",
     "python -m ag_kernels generate --net main.pt --sigmas 80,10,1,0.1 --solver dpmpp_2m --shape 2",
