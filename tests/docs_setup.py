@@ -17,3 +17,8 @@ A hook that lives in another module is imported here and named in the dict, e.g.
 """
 
 SETUP = {}
+
+from _tiny_diffusers import docs_setup as _tiny_diffusers_offline  # noqa: E402
+
+SETUP["docs/diffusers.md"] = _tiny_diffusers_offline
+SETUP["README.md"] = _tiny_diffusers_offline  # use 3: a diffusers pipeline with a guide model

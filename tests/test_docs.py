@@ -42,6 +42,15 @@ RUN_HERE = {
     "python -m ag_kernels --help",
     "python -m ag_kernels generate --help",
     "python -m ag_kernels generate --net main.pt --gnet guide.pt --seeds 0-63 --guidance 2.1 --outdir out",
+    # docs/schedules.md: a small tuning run on the toy models, then generate with its schedule and with inline levels.
+    "python -m ag_kernels tune-schedule --net main.pt --gnet guide.pt --guidance 3 --solver dpmpp_3m --steps 10 "
+    "--sigma-min 0.005 --sigma-max 5 --shape 2 --seeds 1000000-1000255 --reference-steps 32 --max-trials 20 "
+    "--out tuned.json",
+    "python -m ag_kernels generate --net main.pt --gnet guide.pt --guidance 3 --solver dpmpp_3m --sigmas tuned.json "
+    "--shape 2 --seeds 0-1023",
+    "python -m ag_kernels generate --net main.pt --sigmas 80,10,1,0.1 --solver dpmpp_2m --shape 2",
+    # docs/unipc.md, on its stand-in networks.
+    "python -m ag_kernels generate --net main.pt --gnet guide.pt --seeds 0-63 --steps 10 --guidance 2 --solver unipc",
 }
 #: Commands the docs show that CI runs elsewhere: command -> [(file, a string of that file that runs it), ...].
 RUN_ELSEWHERE = {
@@ -59,6 +68,9 @@ RUN_ELSEWHERE = {
         (".ci/run", "pip install --quiet --no-build-isolation -e \".[test,docs]\""),
         (".ci/run", "mkdocs build --strict"),
     ],
+    # docs/gpu.md: the offline compile check alone; CI runs it with the whole suite.
+    "python -m pytest tests/test_triton_compile.py": [(".ci/run", "python -m pytest tests"),
+                                                      ("tests/test_triton_compile.py", "def test_")],
     # The standard profile is the smoke profile's runner at full sizes.
     "python -m bench": [("tests/test_bench_smoke.py", '"-m", "bench", "--smoke"')],
     "python -m bench --smoke": [("tests/test_bench_smoke.py", '"-m", "bench", "--smoke"')],
@@ -234,7 +246,7 @@ def test_readme_is_a_front_door_and_no_issue_numbers():
 # --- the command line page against --help ---------------------------------------------------------
 
 CLI_COMMANDS = {"demo": ["demo"], "toy train": ["toy", "train"], "selfcheck": ["selfcheck"],
-                "generate": ["generate"], "verify": ["verify", "--edm2", "x"],
+                "generate": ["generate"], "tune-schedule": ["tune-schedule"], "verify": ["verify", "--edm2", "x"],
                 "verify --generate": ["verify", "--edm2", "x", "--generate"]}
 
 
@@ -269,9 +281,9 @@ def _doc_sections():
 def test_cli_page_lists_what_help_lists(capsys, monkeypatch):
     listed, sections = _doc_sections()
     top = _help([], capsys, monkeypatch)
-    subcommands = set(re.search(r"\{([\w,]+)\}", top).group(1).split(","))
+    subcommands = set(re.search(r"\{([\w,-]+)\}", top).group(1).split(","))
     assert {c.split()[0] for c in listed} == subcommands, (listed, subcommands)
-    toy = set(re.search(r"\{([\w,]+)\}", _help(["toy"], capsys, monkeypatch)).group(1).split(","))
+    toy = set(re.search(r"\{([\w,-]+)\}", _help(["toy"], capsys, monkeypatch)).group(1).split(","))
     assert {c.split()[1] for c in listed if c.startswith("toy ")} == toy
     assert set(sections) == set(CLI_COMMANDS), sorted(sections)
     for name, argv in CLI_COMMANDS.items():

@@ -56,17 +56,19 @@ _HANDLED = {
 class AutoguidedPipeline:
     """A diffusers pipeline sampled with autoguidance (a guide network) and CFG, fused.
 
-    Make one with :meth:`from_pipe`; call it as the pipeline itself, plus:
+    Make one with :meth:`from_pipe`, not with the constructor; call it as you would call the
+    pipeline itself (:meth:`__call__`), or make one PNG per seed with :meth:`generate`.  Each step
+    evaluates D = D1(c) + (w_cfg - 1) (D1(c) - D1(u)) + (w_ag - 1) (D1(c) - D0(c)) and steps
+    with one fused op; prompt encoding, the scheduler's noise levels and timesteps, the initial
+    latent scaling and the VAE decode are the pipeline's own.
 
-    Args (keyword-only):
-        autoguidance_scale: w_ag, a real number or a tensor with one weight per image; 1 = off
-            (the guide is not evaluated).  Needs a guide.
-        guidance_interval: (lo, hi): guide (CFG and autoguidance) only at noise levels sigma in
-            (lo, hi], sigma in the EDM sense (flow models: t / (1 - t)); None = every step.
-        solver: "euler", "heun", "dpmpp_2m" or "dpmpp_3m"; default from the pipeline's scheduler.
-        backend: the step ops' backend ("auto", "torch", "triton", "ext").
+    Args:
+        pipe: the wrapped pipeline, as :meth:`from_pipe` checked it.
+        guide: the guide network D0 (a UNet2DConditionModel or SD3Transformer2DModel), or None.
 
-    Returns diffusers' own output type (``.images``), or a tuple with ``return_dict=False``.
+    Raises:
+        ValueError: from :meth:`from_pipe` and :meth:`__call__`, which check their arguments before
+            any network runs; see there.
     """
 
     def __init__(self, pipe, guide=None, *, _family: str, _guide_prediction: Optional[str] = None):
@@ -77,11 +79,30 @@ class AutoguidedPipeline:
 
     @classmethod
     def from_pipe(cls, pipe, guide=None) -> "AutoguidedPipeline":
-        """Wrap ``pipe`` (StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline).
+        """Wrap a diffusers pipeline and, optionally, a guide network for autoguidance.
 
-        ``guide``: the guide network D0, a model of the main network's class (UNet2DConditionModel /
-        SD3Transformer2DModel) taking the same latents and conditioning, or a pipeline holding one
-        (its scheduler's prediction type is then the guide's); None for CFG alone.
+        Args:
+            pipe: a StableDiffusionPipeline (epsilon or v-prediction), StableDiffusionXLPipeline or
+                StableDiffusion3Pipeline (or a subclass), with a scheduler this loop can follow:
+                EulerDiscreteScheduler, HeunDiscreteScheduler, DPMSolverMultistepScheduler
+                (dpmsolver++, order 2 or 3) or FlowMatchEulerDiscreteScheduler.
+            guide: the guide network D0: a model of the main network's class (UNet2DConditionModel
+                or SD3Transformer2DModel) that takes the same latents and conditioning (latent
+                channels, cross-attention width, SDXL's added embeddings), or a pipeline holding
+                one (its scheduler's prediction type is then the guide's).  Its size, depth,
+                dtype and device may differ.  None: CFG alone.
+
+        Returns:
+            The wrapper, an :class:`AutoguidedPipeline`.
+
+        Raises:
+            ImportError: diffusers or transformers is not installed (the message says what to
+                install).
+            ValueError: ``pipe`` is of another pipeline class, or ``guide`` is not a network of the
+                main network's class (both an ``UnsupportedModelError``, which is also a
+                TypeError); the guide's latent channels or conditioning widths differ from the
+                main network's; ``pipe.scheduler`` is one this loop cannot follow (named in the
+                message).
         """
         diffusers = require_diffusers()
         family = None
@@ -107,6 +128,41 @@ class AutoguidedPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, *, autoguidance_scale=1.0, guidance_interval=None, solver: Optional[str] = None,
                  backend: str = "auto", **kwargs):
+        """Sample as the wrapped pipeline does, with autoguidance and CFG in one fused op per step.
+
+        Args:
+            prompt: the pipeline's ``prompt``: a str or a list of str (or None with
+                ``prompt_embeds``).
+            autoguidance_scale: w_ag, a real number or a tensor with one weight per image; 1 turns
+                autoguidance off (the guide is not evaluated).  Other values need a guide.
+            guidance_interval: ``(lo, hi)``: guide (CFG and autoguidance) only at noise levels
+                sigma in (lo, hi], sigma in the EDM sense (flow models: t / (1 - t)); outside it
+                neither the guide nor the unconditional branch is evaluated.  None: every step.
+            solver: ``"euler"``, ``"heun"``, ``"dpmpp_2m"`` or ``"dpmpp_3m"``; None follows
+                ``pipe.scheduler`` (EulerDiscrete: euler, HeunDiscrete: heun, DPMSolverMultistep
+                order 2 / 3: dpmpp_2m / dpmpp_3m, FlowMatchEulerDiscrete: euler in t).
+            backend: the fused ops' backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
+            **kwargs: the pipeline's own call arguments, with the same meaning
+                (``negative_prompt``, ``prompt_embeds``, ``negative_prompt_embeds``,
+                ``guidance_scale`` (w_cfg; CFG only when > 1), ``num_inference_steps``,
+                ``latents``, ``generator``, ``output_type``, ``height``, ``width``,
+                ``num_images_per_prompt``, ``return_dict``, ...).  Ones this loop does not follow
+                (callbacks, ``guidance_rescale``, ...) must keep their defaults.
+
+        Returns:
+            diffusers' own output type for the pipeline (``.images``), or a tuple with
+            ``return_dict=False``.
+
+        Raises:
+            TypeError: an argument of the wrong type (``prompt``, ``prompt_embeds``,
+                ``latents``, ``backend``), or a keyword the pipeline does not take.
+            ValueError: an unknown ``solver`` or ``backend``; ``autoguidance_scale != 1`` without
+                a guide; a non-finite weight, or a tensor of weights without one per image; a
+                bad ``guidance_interval``; latents, negative prompts or generators whose count
+                does not match the prompts; an argument this loop does not support left off its
+                default; what the pipeline's own ``check_inputs`` refuses.  All before any
+                network runs.
+        """
         pipe, family = self.pipe, self.family
         args = _pipeline_arguments(pipe, dict(kwargs, prompt=prompt))
         default_solver, space, lower_order_final = _follow_scheduler(pipe.scheduler, family)
@@ -157,12 +213,34 @@ class AutoguidedPipeline:
         """One image per seed, as :func:`ag_kernels.generate` makes them: a generator of :class:`GeneratedBatch`.
 
         Each seed's initial latents come from its own generator (``randn`` of the latent shape,
-        seeded with seed % 2**32), so a seed gives the same image in any batch; PNGs are written to
-        ``outdir`` (``skip_existing`` resumes a run), and under torchrun the batches are dealt out
-        over the processes.  ``call_kwargs`` are this pipeline's call arguments (``prompt``: one
-        text for every seed, ``negative_prompt``, ``guidance_scale``, ``autoguidance_scale``,
-        ``num_inference_steps``, ...); prompt embeddings with a batch of one are repeated per seed.
-        ``samples`` of a batch are the float images in [0, 1], ``images`` their uint8 values.
+        seeded with seed % 2**32), so a seed gives the same image in any batch.
+
+        Args:
+            seeds: the seeds (an iterable of ints, or a str such as ``"0-63"``).
+            batch_size: the largest batch.
+            outdir: write one PNG per seed, ``NNNNNN.png``, into this folder (None: write nothing).
+            subdirs: one subfolder per 1000 seeds.
+            batch_split: how the seeds are cut into batches, as for :func:`ag_kernels.generate`.
+            skip_existing: resume: skip the seeds whose PNGs are already in ``outdir``.
+            device: where to sample (default: the pipeline's network's device); under torchrun the
+                batches are dealt out over the processes.
+            progress: show a progress bar.
+            **call_kwargs: this pipeline's call arguments (``prompt``: one text for every seed,
+                ``negative_prompt``, ``guidance_scale``, ``autoguidance_scale``,
+                ``num_inference_steps``, ...); prompt embeddings with a batch of one are repeated
+                per seed.
+
+        Yields:
+            A :class:`GeneratedBatch` per batch: ``samples`` the float images in [0, 1],
+            ``images`` their uint8 values.
+
+        Raises:
+            TypeError: ``latents``, ``generator``, ``output_type``, ``return_dict`` or
+                ``num_images_per_prompt`` given (generate sets them), a prompt that is not one
+                str, or an option of the wrong type (``progress``, ``subdirs``, ``outdir``, ...).
+            ValueError: bad seeds or batch size, an unknown ``batch_split``, ``skip_existing``
+                without ``outdir``, as for :func:`ag_kernels.generate`; bad call arguments, as for
+                :meth:`__call__`.
         """
         seeds, batch_size = _check_options(seeds, batch_size, progress, subdirs, skip_existing, outdir, batch_split,
                                            None, call_kwargs)

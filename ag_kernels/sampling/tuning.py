@@ -62,25 +62,40 @@ def tune_schedule(net, noise: torch.Tensor, labels=None, gnet=None, *, guidance=
     """Fit the ``num_steps`` + 1 noise levels (ending in 0) of ``solver`` for the guided pair on ``noise``.
 
     Args:
-        net, labels, gnet, guidance: the guided denoiser D_w = D_0 + w (D_1 - D_0), as for
-            :func:`ag_kernels.edm_sampler` (labels for both networks, or ``guide_labels`` for gnet).
+        net: the main network D_1, an EDM denoiser ``net(x, sigma, labels)``, as for
+            :func:`ag_kernels.edm_sampler`.
         noise: the calibration noise [B, ...], standard normal (e.g. a few hundred to a few thousand
             samples).  Judge the result on other noise: the schedule is fitted to this one.
+        labels: class labels for both networks (or None), as for :func:`ag_kernels.edm_sampler`.
+        gnet: the guiding network D_0 (None when ``guidance`` is 1).
+        guidance: w of the guided denoiser D_w = D_0 + w (D_1 - D_0).
         num_steps: the steps of the schedule (N >= 1); the solver's evaluations follow from it
             (Heun: 2N - 1, the others N).
         solver: any of :data:`ag_kernels.SOLVERS`.
-        sigma_min, sigma_max: t_0 = sigma_max and t_{N-1} = sigma_min (the last positive level).
+        sigma_min: t_{N-1}, the last positive noise level.
+        sigma_max: t_0, the first noise level.
         reference_steps: the target, Heun with this many steps (Karras schedule) from the same noise.
         eps: the distance floor inside the log, relative to the targets' RMS.
-        max_trials, min_step, time_limit: the search stops after ``max_trials`` sampler runs, when
-            its step in the logits falls below ``min_step``, or after ``time_limit`` seconds.
-        dtype, backend: the sampler's, for every run.
-        log: called with a line per improvement (e.g. ``print``).
+        max_trials: the search stops after this many sampler runs.
+        min_step: the search stops when its step in the logits falls below this.
+        time_limit: the search stops after this many seconds (None: no limit).
+        dtype: the sampler's dtype, for every run.
+        backend: the sampler's backend, for every run.
+        guide_labels: labels for ``gnet`` when they differ from ``labels`` (default: the same).
+        log: called with a line per improvement (e.g. ``print``); None: silent.
 
     Returns:
         The schedule as a float64 CPU tensor [num_steps + 1], t_0 = sigma_max > ... > t_N = 0, for
         ``sigmas=``.  It starts from the log-SNR-uniform schedule and never ends worse than that on
         the calibration noise.
+
+    Raises:
+        ValueError: ``num_steps``, ``reference_steps`` or ``max_trials`` not an integer in range; an
+            unknown ``solver``; ``sigma_min``, ``sigma_max``, ``eps``, ``min_step`` or
+            ``time_limit`` not finite and positive, or ``sigma_min >= sigma_max``; or what
+            :class:`ag_kernels.GuidedSampler` refuses (guidance, dtype, backend, labels).
+        TypeError: ``noise`` not a floating-point tensor with at least one sample; a number
+            argument that is not a real number.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
@@ -148,7 +163,26 @@ def tune_schedule(net, noise: torch.Tensor, labels=None, gnet=None, *, guidance=
 
 
 def save_schedule(path, sigmas, *, solver: str, guidance: float = 1.0, **info) -> None:
-    """Write a schedule as JSON: format, solver, num_steps, guidance, sigmas (ending in 0), and ``info``."""
+    """Write a schedule as JSON, for :func:`load_schedule` and ``generate --sigmas FILE``.
+
+    The file holds ``format``, ``solver``, ``num_steps``, ``guidance``, ``sigmas`` (ending in 0) and
+    the entries of ``info``; it is written to a temporary file first, then moved into place.
+
+    Args:
+        path: the file to write.
+        sigmas: the schedule, as ``sigmas=`` takes it (a 1-D tensor or sequence, strictly
+            decreasing, positive, optionally ending in 0, which is appended when absent).
+        solver: the solver it was tuned for, one of :data:`ag_kernels.SOLVERS`.
+        guidance: the guidance weight it was tuned for.
+        **info: more JSON-serializable entries to record (e.g. ``sigma_min``, ``calibration_seeds``).
+
+    Raises:
+        ValueError: ``sigmas`` is not a valid schedule (too short, not strictly decreasing, a
+            non-finite or negative level), or ``solver`` is unknown.
+        TypeError: ``sigmas`` is not a tensor or sequence of real numbers, or ``guidance`` is not
+            a number.
+        OSError: the file cannot be written.
+    """
     levels = check_sigmas(sigmas)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -183,9 +217,23 @@ def load_schedule(path, *, solver: Optional[str] = None, num_steps: Optional[int
                   name: str = "path") -> torch.Tensor:
     """Read a schedule written by :func:`save_schedule`, as a float64 tensor for ``sigmas=``.
 
-    ``solver`` / ``num_steps``, where given, must be those it was tuned for: a schedule is fitted
-    to one solver and budget, and another's is an error naming the argument.  ``name`` is how
-    errors call the file.
+    Args:
+        path: the schedule file (JSON).
+        solver: where given, the solver it must have been tuned for: a schedule is fitted to one
+            solver and budget, and another's is refused.
+        num_steps: where given, the steps it must have.
+        name: how errors call the file (e.g. ``"--sigmas"``).
+
+    Returns:
+        The noise levels as a float64 CPU tensor [num_steps + 1], ending in 0.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not JSON, not a schedule file (no ``format``
+            ``"ag_kernels.schedule/1"`` with ``sigmas``), its sigmas are not a valid schedule, or
+            it was tuned for another ``solver`` or ``num_steps`` than asked (the message names
+            the argument).
+        TypeError: the file's sigmas are not numbers.
     """
     record = read_schedule(path, name=name)
     levels = record["sigmas"]
