@@ -209,6 +209,18 @@ def torch_edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_mi
     return x
 
 
+def _lerp_denoiser(net, gnet, labels, guidance, dtype):
+    """D_w(x, t) = D_0 + w (D_1 - D_0) as a lerp in ``dtype``; the guide is not called where w = 1."""
+
+    def guided_denoiser(x, t):
+        d_main = net(x, t, labels).to(dtype)
+        if guidance == 1:
+            return d_main
+        return gnet(x, t, labels).to(dtype).lerp(d_main, guidance)
+
+    return guided_denoiser
+
+
 def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
                             guidance=1, dtype=torch.float32, solver="dpmpp_2m", *, sigmas=None):
     """DPM-Solver++(2M) or (3M) (Lu et al. 2022) on the guided denoiser, in the paper's notation: the oracle.
@@ -242,11 +254,7 @@ def torch_multistep_sampler(net, noise, labels=None, gnet=None, num_steps=32, si
             arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
-    def guided_denoiser(x, t):
-        d_main = net(x, t, labels).to(dtype)
-        if guidance == 1:
-            return d_main
-        return gnet(x, t, labels).to(dtype).lerp(d_main, guidance)
+    guided_denoiser = _lerp_denoiser(net, gnet, labels, guidance, dtype)
 
     i = torch.arange(num_steps, dtype=dtype, device=noise.device)
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
@@ -332,11 +340,7 @@ def torch_unipc_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_
             arguments; :func:`ag_kernels.edm_sampler` is the checked sampler.
     """
 
-    def guided_denoiser(x, t):
-        d_main = net(x, t, labels).to(dtype)
-        if guidance == 1:
-            return d_main
-        return gnet(x, t, labels).to(dtype).lerp(d_main, guidance)
+    guided_denoiser = _lerp_denoiser(net, gnet, labels, guidance, dtype)
 
     if sigmas is None:
         i = torch.arange(num_steps, dtype=dtype, device=noise.device)
