@@ -157,12 +157,7 @@ def _check_outdir(text):
 
 def _check_flags(args):
     """Every flag that can be checked before anything is loaded; returns (seeds, shape, interval)."""
-    from ..sampling.seeds import parse_seeds
-
-    try:
-        seeds = parse_seeds(args.seeds)
-    except ValueError as exc:
-        raise UsageError(f"--seeds: {str(exc).removeprefix('seeds: ')}") from None
+    seeds = _seeds_flag(args.seeds)
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     args.sigmas_values = parse_sigmas_flag(args)
@@ -200,19 +195,33 @@ def _check_flags(args):
         _number("--guidance-interval lo", lo, lo=0)
         _number("--guidance-interval hi", hi, lo=lo, lo_open=True, finite=False)
         interval = (lo, hi)
-    shape = None
-    if args.shape:
-        try:
-            shape = tuple(int(v) for v in args.shape.split(","))
-        except ValueError:
-            raise UsageError(f"--shape must be integers C,H,W; got {args.shape!r}") from None
-        if not shape or any(v < 1 for v in shape):
-            raise UsageError(f"--shape must be positive integers C,H,W; got {args.shape!r}")
+    shape = _shape_flag(args.shape) if args.shape else None
     if args.backend not in ("auto", "torch", "triton", "ext"):
         raise UsageError(f"--backend must be auto, torch, triton or ext; got {args.backend!r}")
     if args.skip_existing and args.outdir is None:
         raise UsageError("--skip-existing needs --outdir (the folder whose PNGs it skips)")
     return seeds, shape, interval
+
+
+def _seeds_flag(text):
+    """--seeds as a list of ints; UsageError naming the flag otherwise."""
+    from ..sampling.seeds import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise UsageError(f"--seeds: {str(exc).removeprefix('seeds: ')}") from None
+
+
+def _shape_flag(text):
+    """--shape C,H,W as a tuple of positive ints; UsageError naming the flag otherwise."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--shape must be integers C,H,W; got {text!r}") from None
+    if not shape or any(v < 1 for v in shape):
+        raise UsageError(f"--shape must be positive integers C,H,W; got {text!r}")
+    return shape
 
 
 _SCHEDULE_DEFAULTS = {"steps": 32, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "schedule": "karras"}

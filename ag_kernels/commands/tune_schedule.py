@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .generate import SOLVER_CHOICES, UsageError, _flagify, _load, _number, torch_device
+from .generate import SOLVER_CHOICES, UsageError, _flagify, _load, _number, _seeds_flag, _shape_flag, torch_device
 
 PROG = "python -m ag_kernels tune-schedule"
 CALIBRATION_SEEDS = "1000000-1000255"
@@ -55,7 +55,6 @@ def _run(args) -> int:
     from ..models.checkpoint import CheckpointError
     from ..models.edm2 import EDM2Error
     from ..sampling.generation import _draw, _sample_spec
-    from ..sampling.seeds import parse_seeds
     from ..sampling.tuning import save_schedule, tune_schedule
 
     if args.steps < 1:
@@ -67,18 +66,8 @@ def _run(args) -> int:
         raise UsageError(f"--reference-steps must be >= 2, got {args.reference_steps}")
     if args.max_trials < 1:
         raise UsageError(f"--max-trials must be >= 1, got {args.max_trials}")
-    try:
-        seeds = parse_seeds(args.seeds)
-    except ValueError as exc:
-        raise UsageError(f"--seeds: {str(exc).removeprefix('seeds: ')}") from None
-    shape = None
-    if args.shape:
-        try:
-            shape = tuple(int(v) for v in args.shape.split(","))
-        except ValueError:
-            raise UsageError(f"--shape must be integers C,H,W; got {args.shape!r}") from None
-        if not shape or any(v < 1 for v in shape):
-            raise UsageError(f"--shape must be positive integers; got {args.shape!r}")
+    seeds = _seeds_flag(args.seeds)
+    shape = _shape_flag(args.shape) if args.shape else None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise UsageError(f"--out {args.out!r}: cannot write a file there")
