@@ -179,3 +179,16 @@ def call(op, x, x_euler, d_main, d_guide, g, s, sn, *, backend, out=None, dtype=
     if op == "guided_score":
         return ag_kernels.guided_score(x, d_main, d_guide, g, s, out=out, backend=backend, **kw)
     raise ValueError(op)
+
+
+def cli(argv, capsys):
+    """``python -m ag_kernels ARGV`` in process: (exit status, stdout, stderr's lines without the
+    leading and trailing blank ones)."""
+    from ag_kernels.commands.main import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()

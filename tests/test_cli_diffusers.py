@@ -19,7 +19,7 @@ import _tiny_diffusers as T
 T.preload()
 
 import ag_kernels
-from ag_kernels.commands.main import main
+from _util import cli
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +37,6 @@ def folders(tmp_path_factory):
     return d
 
 
-def _run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
-
-
 def _args(d, *extra):
     return ["generate", "--diffusers", str(d / "pipe"), "--guide", str(d / "guide"), "--prompt", "a cat",
             "--negative-prompt", "blurry", "--cfg", "3", "--autoguidance", "2", "--steps", "3", "--device", "cpu",
@@ -54,7 +45,7 @@ def _args(d, *extra):
 
 def test_generate_diffusers_writes_the_api_images_and_resumes(folders, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = _run(_args(folders, "--seeds", "0-4", "--batch", "2", "--outdir", str(out)), capsys)
+    code, stdout, err = cli(_args(folders, "--seeds", "0-4", "--batch", "2", "--outdir", str(out)), capsys)
     assert code == 0, err
     assert "generated 5 samples" in stdout
     names = sorted(os.listdir(out))
@@ -75,13 +66,13 @@ def test_generate_diffusers_writes_the_api_images_and_resumes(folders, tmp_path,
     # Resume: only the missing image is made; the others stay as they were.
     os.unlink(out / "000002.png")
     before = {n: os.path.getmtime(out / n) for n in ("000000.png", "000004.png")}
-    code, stdout, err = _run(_args(folders, "--seeds", "0-4", "--batch", "2", "--outdir", str(out),
+    code, stdout, err = cli(_args(folders, "--seeds", "0-4", "--batch", "2", "--outdir", str(out),
                                    "--skip-existing"), capsys)
     assert code == 0, err
     assert os.path.exists(out / "000002.png")
     assert {n: os.path.getmtime(out / n) for n in before} == before
     # Other settings into the same folder: refused.
-    code, _, err = _run(_args(folders, "--seeds", "0-4", "--outdir", str(out), "--autoguidance", "3"), capsys)
+    code, _, err = cli(_args(folders, "--seeds", "0-4", "--outdir", str(out), "--autoguidance", "3"), capsys)
     assert code == 2 and len(err) == 1 and "other settings" in err[0]
 
 
@@ -108,12 +99,12 @@ def test_generate_diffusers_writes_the_api_images_and_resumes(folders, tmp_path,
 def test_generate_diffusers_bad_input_one_line_exit_2(folders, tmp_path, capsys, change, flag):
     argv = _args(folders, "--seeds", "0", "--outdir", str(tmp_path / "out"))
     change(folders, argv)
-    code, _, err = _run(argv, capsys)
+    code, _, err = cli(argv, capsys)
     assert code == 2 and len(err) == 1 and flag in err[0], err
     assert not (tmp_path / "out").exists()
 
 
 def test_diffusers_flags_need_diffusers(capsys, tmp_path):
     for extra in (["--prompt", "a"], ["--autoguidance", "2"], ["--guide", str(tmp_path)]):
-        code, _, err = _run(["generate", "--net", "x.pt", "--seeds", "0", *extra], capsys)
+        code, _, err = cli(["generate", "--net", "x.pt", "--seeds", "0", *extra], capsys)
         assert code == 2 and len(err) == 1 and "--diffusers" in err[0], err

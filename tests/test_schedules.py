@@ -18,7 +18,7 @@ import torch
 
 import ag_kernels
 from ag_kernels import GuidedSampler, edm_sampler, karras_schedule, torch_edm_sampler, torch_multistep_sampler
-from ag_kernels.commands.main import main
+from _util import cli
 from ag_kernels.models.checkpoint import save_net
 from ag_kernels.models.nets import TinyDenoiser
 from ag_kernels.sampling._plan import logsnr_schedule, make_plan
@@ -246,14 +246,6 @@ def files(tmp_path_factory):
     return d
 
 
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
 def _generate(files, *extra):
     return ["generate", "--net", str(files / "main.pt"), "--gnet", str(files / "guide.pt"), "--guidance", "2",
             "--seeds", "0-1", "--device", "cpu", "--no-progress", *extra]
@@ -261,7 +253,7 @@ def _generate(files, *extra):
 
 def test_cli_sigmas_list_and_file_write_the_same_images(files, tmp_path, capsys):
     for i, value in enumerate(("80,10,1,0.1", "80,10,1,0.1,0", str(files / "levels.txt"))):
-        code, err = _cli(_generate(files, "--sigmas", value, "--outdir", str(tmp_path / str(i))), capsys)
+        code, _, err = cli(_generate(files, "--sigmas", value, "--outdir", str(tmp_path / str(i))), capsys)
         assert code == 0, err
     pngs = [sorted((tmp_path / str(i)).rglob("*.png")) for i in range(3)]
     assert len(pngs[0]) == 2
@@ -284,7 +276,7 @@ def test_cli_sigmas_list_and_file_write_the_same_images(files, tmp_path, capsys)
     (["--schedule", "logsnr", "--rho", "3"], "--rho shapes only --schedule karras"),
 ])
 def test_cli_bad_sigmas(files, capsys, extra, message):
-    code, err = _cli(_generate(files, *extra), capsys)
+    code, _, err = cli(_generate(files, *extra), capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
@@ -296,10 +288,10 @@ def test_cli_schedule_choices_agree():
 
 
 def test_cli_logsnr_writes_what_python_samples(files, tmp_path, capsys):
-    code, err = _cli(_generate(files, "--schedule", "logsnr", "--steps", "5", "--sigma-min", "0.01",
+    code, _, err = cli(_generate(files, "--schedule", "logsnr", "--steps", "5", "--sigma-min", "0.01",
                                "--solver", "dpmpp_2m", "--outdir", str(tmp_path / "a")), capsys)
     assert code == 0, err
-    code, err = _cli(_generate(files, "--sigmas", ",".join(repr(v) for v in logsnr_schedule(
+    code, _, err = cli(_generate(files, "--sigmas", ",".join(repr(v) for v in logsnr_schedule(
         5, 0.01, 80.0, dtype=torch.float64).tolist()), "--solver", "dpmpp_2m", "--outdir", str(tmp_path / "b")),
         capsys)
     assert code == 0, err

@@ -16,7 +16,7 @@ import torch
 
 import ag_kernels
 from ag_kernels import edm_sampler, load_schedule, save_schedule, tune_schedule
-from ag_kernels.commands.main import main
+from _util import cli
 from ag_kernels.models.checkpoint import save_net
 from ag_kernels.models.nets import TinyDenoiser
 from ag_kernels.sampling._plan import logsnr_schedule
@@ -148,36 +148,27 @@ def files(tmp_path_factory):
     return d
 
 
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip().splitlines()
-
-
 def test_cli_tune_then_generate(files, tmp_path, capsys):
     out = tmp_path / "tuned.json"
     nets = ["--net", str(files / "main.pt"), "--gnet", str(files / "guide.pt"), "--guidance", "2", "--device", "cpu"]
-    code, stdout, err = _cli(["tune-schedule", *nets, "--steps", "4", "--seeds", "0-7", "--reference-steps", "8",
+    code, stdout, err = cli(["tune-schedule", *nets, "--steps", "4", "--seeds", "0-7", "--reference-steps", "8",
                               "--max-trials", "8", "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
     record = json.loads(out.read_text())
     assert (record["solver"], record["num_steps"], record["guidance"]) == ("dpmpp_2m", 4, 2.0)
     assert record["calibration_seeds"] == "0-7" and f"wrote {out}" in stdout
     gen = ["generate", *nets, "--seeds", "100-101", "--no-progress"]
-    code, _, err = _cli(gen + ["--sigmas", str(out), "--solver", "dpmpp_2m", "--outdir", str(tmp_path / "a")], capsys)
+    code, _, err = cli(gen + ["--sigmas", str(out), "--solver", "dpmpp_2m", "--outdir", str(tmp_path / "a")], capsys)
     assert code == 0, err
-    code, _, err = _cli(gen + ["--sigmas", ",".join(map(repr, record["sigmas"])), "--solver", "dpmpp_2m",
+    code, _, err = cli(gen + ["--sigmas", ",".join(map(repr, record["sigmas"])), "--solver", "dpmpp_2m",
                                "--outdir", str(tmp_path / "b")], capsys)
     assert code == 0, err
     pngs = [sorted((tmp_path / k).rglob("*.png")) for k in "ab"]
     assert len(pngs[0]) == 2 and [p.read_bytes() for p in pngs[0]] == [p.read_bytes() for p in pngs[1]]
     # Another solver than the file's, or --steps beside it: one line naming the flags.
-    code, _, err = _cli(gen + ["--sigmas", str(out), "--solver", "heun"], capsys)
+    code, _, err = cli(gen + ["--sigmas", str(out), "--solver", "heun"], capsys)
     assert code == 2 and len(err) == 1 and "--sigmas" in err[0] and "--solver dpmpp_2m, not --solver heun" in err[0]
-    code, _, err = _cli(gen + ["--sigmas", str(out), "--solver", "dpmpp_2m", "--steps", "4"], capsys)
+    code, _, err = cli(gen + ["--sigmas", str(out), "--solver", "dpmpp_2m", "--steps", "4"], capsys)
     assert code == 2 and len(err) == 1 and "--sigmas and --steps were both given" in err[0]
 
 
@@ -191,7 +182,7 @@ def test_cli_tune_then_generate(files, tmp_path, capsys):
 def test_cli_bad_flags(files, tmp_path, capsys, extra, message):
     argv = ["tune-schedule", "--net", str(files / "main.pt"), "--device", "cpu", "--out", str(tmp_path / "t.json"),
             *extra]
-    code, _, err = _cli(argv, capsys)
+    code, _, err = cli(argv, capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "t.json").exists()
 
