@@ -106,6 +106,19 @@ def _flag(name: str, value, *, auto: bool = False):
     raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def check_interval(interval):
+    """``guidance_interval`` checked: None, or the pair (lo, hi) as floats with 0 <= lo < hi (hi may be inf)."""
+    if interval is None:
+        return None
+    if not isinstance(interval, (tuple, list)) or len(interval) != 2:
+        raise TypeError(f"guidance_interval must be a pair (lo, hi), got {interval!r}")
+    lo = _real("guidance_interval[0]", interval[0], nonnegative=True)
+    hi = _real("guidance_interval[1]", interval[1], allow_inf=True)
+    if not lo < hi:
+        raise ValueError(f"guidance_interval must have lo < hi, got {tuple(interval)}")
+    return lo, hi
+
+
 class _Guidance:
     """The guidance weight at a noise level: a number, a per-sample tensor [B], or None (w = 1: net only)."""
 
@@ -121,15 +134,7 @@ class _Guidance:
         else:
             w = _real("guidance", guidance)
             self.value = None if w == 1.0 else w
-        if interval is not None:
-            if not isinstance(interval, (tuple, list)) or len(interval) != 2:
-                raise TypeError(f"guidance_interval must be a pair (lo, hi), got {interval!r}")
-            lo = _real("guidance_interval[0]", interval[0], nonnegative=True)
-            hi = _real("guidance_interval[1]", interval[1], allow_inf=True)
-            if not lo < hi:
-                raise ValueError(f"guidance_interval must have lo < hi, got {tuple(interval)}")
-            interval = (lo, hi)
-        self.interval = interval
+        self.interval = check_interval(interval)
         self.gnet = gnet
         if self.value is not None and not isinstance(self.value, torch.Tensor) and gnet is None:
             raise ValueError(

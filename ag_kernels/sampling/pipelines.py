@@ -29,7 +29,7 @@ from ..kernels import ops
 from ..kernels._backends import resolve_backend
 from ..models.diffusers_models import DiffusersDenoiser, UnsupportedModelError, check_guide_fits, require_diffusers
 from ._plan import MULTISTEP, _dpmpp_coefficients, _Multistep
-from ._settings import _real
+from ._settings import _real, check_interval
 from .generation import GeneratedBatch, _batches, _check_options, _place
 
 __all__ = ["AutoguidedPipeline", "PIPELINES", "SCHEDULERS", "PIPELINE_SOLVERS"]
@@ -180,7 +180,7 @@ class AutoguidedPipeline:
         if do_ag and self.guide is None:
             raise ValueError(f"autoguidance_scale={_show(autoguidance_scale)} needs a guide network: pass "
                              "AutoguidedPipeline.from_pipe(pipe, guide=...)")
-        interval = _interval(guidance_interval)
+        interval = check_interval(guidance_interval)
         _check_batch(args, batch, images)
         if family != "sd3" and getattr(_denoiser_of(pipe, family).config, "time_cond_proj_dim", None) is not None:
             raise ValueError("pipe: a UNet with time_cond_proj_dim (guidance-embedded, LCM-style) is not supported")
@@ -637,18 +637,6 @@ def _weight(name: str, value, images: int):
                 raise ValueError(f"{name}: must be finite, got {value.tolist()}")
             return value.to(torch.float32)
     return _real(name, value)
-
-
-def _interval(interval):
-    if interval is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be (lo, hi) or None, got {interval!r}") from None
-    if not (0 <= lo < hi) or math.isnan(hi):
-        raise ValueError(f"guidance_interval must satisfy 0 <= lo < hi, got {interval!r}")
-    return lo, hi
 
 
 def _show(value):
